@@ -1,0 +1,165 @@
+"""Video files with PyAV: decoding (all frames or chosen ones), build-time JPEG frames, writing.
+
+Every failure to read a video raises :class:`VideoDecodeError`, whose message names the file and
+says what went wrong (missing, unreadable/corrupt, no video stream, no frames).
+This module imports no TensorFlow or JAX, so build worker processes stay light.
+"""
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+
+__all__ = ["VideoDecodeError", "decode_video", "iter_frames", "jpeg_frames", "write_video"]
+
+
+class VideoDecodeError(RuntimeError):
+    """A video cannot be used; ``path`` names it and ``reason`` says why."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = os.fspath(path), reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _open(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "file not found (check the video root and annotation paths)")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "file is empty (0 bytes); re-download or remove it")
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(path, f"cannot be opened as a video (corrupt or unsupported): {e}")
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError(path, "has no video stream")
+    return container
+
+
+def _source_fps(stream) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else None
+
+
+def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
+                threads: int = 0) -> Iterator[tuple[av.VideoFrame, float]]:
+    """Yield ``(frame, output_fps)`` in display order, dropping frames to reach the frame rate.
+
+    ``fps=None`` keeps the source rate, capped at ``max_fps``; a requested rate above the source
+    rate keeps every frame (frames are never duplicated). ``threads=0`` lets FFmpeg choose.
+    """
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        src = _source_fps(stream)
+        target = fps if fps else src
+        if target and max_fps:
+            target = min(target, max_fps)
+        keep_all = not src or not target or target >= src - 1e-6
+        out_fps = src if keep_all else target
+        t0, last_slot, count = None, -1, 0
+        for frame in container.decode(stream):
+            if not keep_all:
+                t = frame.time if frame.time is not None else count / src
+                t0 = t if t0 is None else t0
+                slot = math.floor((t - t0) * target + 1e-6)
+                count += 1
+                if slot <= last_slot:
+                    continue
+                last_slot = slot
+            yield frame, float(out_fps or 0.0)
+    except av.FFmpegError as e:
+        raise VideoDecodeError(path, f"decoding failed (corrupt stream): {e}") from e
+    finally:
+        container.close()
+
+
+def decode_video(path, indices: Sequence[int] | None = None, *, fps: float | None = None,
+                 max_fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video to RGB ``(n, H, W, 3)`` uint8 and its frame rate.
+
+    With ``indices``, returns only those frames, in the given order (repeats allowed) and stops
+    decoding after the last one needed. ``fps``/``max_fps`` resample as :func:`iter_frames`.
+    """
+    want = None if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if want is not None and want.size and want.min() < 0:
+        raise ValueError(f"{path}: negative frame index in {want.tolist()}")
+    needed = None if want is None else set(want.tolist())
+    last = -1 if want is None or not want.size else int(want.max())
+    frames, rate = {}, 0.0
+    for i, (frame, rate) in enumerate(iter_frames(path, fps=fps, max_fps=max_fps)):
+        if needed is None or i in needed:
+            frames[i] = frame.to_ndarray(format="rgb24")
+        if needed is not None and i >= last:
+            break
+    if not frames and (want is None or want.size):
+        raise VideoDecodeError(path, "contains no decodable frames")
+    if want is None:
+        return np.stack([frames[i] for i in range(len(frames))]), rate
+    missing = sorted(needed - frames.keys())
+    if missing:
+        raise VideoDecodeError(path, f"has only {len(frames) and max(frames) + 1} frames; "
+                                     f"frame {missing[0]} was requested")
+    if not want.size:
+        return np.zeros((0, 0, 0, 3), np.uint8), rate
+    return np.stack([frames[i] for i in want.tolist()]), rate
+
+
+def _jpeg_encoder(width: int, height: int, qscale: int):
+    ctx = av.CodecContext.create("mjpeg", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuvj420p"
+    ctx.time_base = Fraction(1, 30)
+    ctx.options = {"qmin": str(qscale), "qmax": str(qscale)}
+    return ctx
+
+
+def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    if not short_side:
+        return height, width
+    short, long_ = min(height, width), max(height, width)
+    new_long = max(int(long_ * short_side / short + 0.5), short_side)
+    return (short_side, new_long) if height <= width else (new_long, short_side)
+
+
+def jpeg_frames(path, *, short_side: int | None = 320, fps: float | None = None,
+                max_fps: float | None = 30.0, qscale: int = 3, threads: int = 1):
+    """Build-time conversion: decode, resize the short side, encode each frame as JPEG.
+
+    Returns ``(list of JPEG bytes, output fps, (height, width))``. ``qscale`` is FFmpeg's JPEG
+    quantiser (2 = best, 31 = worst; 3 is about quality 90). Raises :class:`VideoDecodeError`.
+    """
+    jpegs, encoder, size, rate = [], None, None, 0.0
+    for frame, rate in iter_frames(path, fps=fps, max_fps=max_fps, threads=threads):
+        if size is None:
+            size = _scaled_size(frame.height, frame.width, short_side)
+            encoder = _jpeg_encoder(size[1], size[0], qscale)
+        small = frame.reformat(width=size[1], height=size[0], format="yuvj420p",
+                               interpolation="BICUBIC")
+        small.pts, small.time_base = len(jpegs), encoder.time_base
+        jpegs.extend(bytes(p) for p in encoder.encode(small))
+    if not jpegs:
+        raise VideoDecodeError(path, "contains no decodable frames")
+    return jpegs, rate, size
+
+
+def write_video(path, frames: np.ndarray, fps: float = 25, codec: str = "libx264",
+                pix_fmt: str = "yuv420p", options: dict | None = None) -> None:
+    """Write RGB uint8 frames (n, H, W, 3) to a video file (H.264 by default)."""
+    frames = np.asarray(frames, dtype=np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = pix_fmt
+        stream.options = dict(options or {})
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
