@@ -99,8 +99,9 @@ class ModelConfig:
       problems.append(f"return_list {list(self.return_list)} must be strictly increasing")
     if len(self.mlp_dropout) != self.n_layers:
       problems.append(f"mlp_dropout has {len(self.mlp_dropout)} entries for n_layers={self.n_layers}")
-    if self.frames < 1:
-      problems.append(f"t_size={self.t_size} leaves no frames")
+    if self.frames < 1 or (self.temporal_downsample and self.t_size % 2):
+      problems.append(f"t_size={self.t_size} must be >= 1 (and even with temporal_downsample, "
+                      "which halves it)")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                           ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:

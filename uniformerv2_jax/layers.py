@@ -51,7 +51,7 @@ class LayerNorm(nnx.Module):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
-    y = y * self.scale.value.astype(ct) + self.bias.value.astype(ct)
+    y = y * self.scale[...].astype(ct) + self.bias[...].astype(ct)
     return y.astype(self.dtype)
 
 
@@ -69,10 +69,10 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    kernel = self.kernel.value.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
     y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
 
 

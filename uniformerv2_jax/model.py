@@ -64,13 +64,13 @@ class BatchNorm(nnx.Module):
         count *= jax.lax.psum(1, self.axis_name)
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       unbiased = var * (count / max(count - 1, 1))
-      sd = self.mean.value.dtype
-      self.mean.value = (0.9 * self.mean.value + 0.1 * mean.astype(sd)).astype(sd)
-      self.var.value = (0.9 * self.var.value + 0.1 * unbiased.astype(sd)).astype(sd)
+      sd = self.mean[...].dtype
+      self.mean[...] = (0.9 * self.mean[...] + 0.1 * mean.astype(sd)).astype(sd)
+      self.var[...] = (0.9 * self.var[...] + 0.1 * unbiased.astype(sd)).astype(sd)
     else:
-      mean, var = self.mean.value.astype(ct), self.var.value.astype(ct)
+      mean, var = self.mean[...].astype(ct), self.var[...].astype(ct)
     y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
-    y = y * self.scale.value.astype(ct) + self.bias.value.astype(ct)
+    y = y * self.scale[...].astype(ct) + self.bias[...].astype(ct)
     return y.astype(self.dtype)
 
 
@@ -91,10 +91,10 @@ class LocalMHRA(nnx.Module):
   def __call__(self, x, train: bool):
     """x: (N, T, H*W, C)."""
     h = self.down(self.bn(x, train))
-    w = self.dw_kernel.value.astype(self.dtype)
+    w = self.dw_kernel[...].astype(self.dtype)
     hp = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0)))
     h = w[0] * hp[:, :-2] + w[1] * hp[:, 1:-1] + w[2] * hp[:, 2:]
-    return self.up(h + self.dw_bias.value.astype(self.dtype))
+    return self.up(h + self.dw_bias[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):
@@ -189,10 +189,10 @@ class DepthwiseConv3d(nnx.Module):
     """x: (N, T, H, W, C)."""
     c = x.shape[-1]
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel.value.astype(self.dtype)[..., None, :],
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype)[..., None, :],
         window_strides=(1, 1, 1), padding=((1, 1),) * 3,
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c)
-    return y + self.bias.value.astype(self.dtype)
+    return y + self.bias[...].astype(self.dtype)
 
 
 class GlobalAggregator(nnx.Module):
@@ -212,7 +212,7 @@ class GlobalAggregator(nnx.Module):
     cfg = self.cfg
     rates = [cfg.drop_path_rate * j / max(cfg.n_layers - 1, 1) for j in range(cfg.n_layers)]
     keys = _split(key, cfg.n_layers)
-    cls = jnp.broadcast_to(self.cls_token.value.astype(cfg.dtype), (n, 1, cfg.width))
+    cls = jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (n, 1, cfg.width))
     for j, x in enumerate(layer_tokens):
       b, s, c = x.shape
       t = b // n
@@ -248,7 +248,7 @@ class UniFormerV2(nnx.Module):
     if cfg.frozen:
       pooled = cls
     else:
-      w = jax.nn.sigmoid(self.temporal.balance.value.astype(cls.dtype))
+      w = jax.nn.sigmoid(self.temporal.balance[...].astype(cls.dtype))
       residual = last.reshape(n, -1, *last.shape[1:])[:, :, 0].mean(1)
       pooled = (1 - w) * cls + w * residual
     logits = self.head(pooled, key=k_head)
@@ -284,17 +284,17 @@ class Backbone(nnx.Module):
     if x.shape[1:] != (cfg.t_size, cfg.input_resolution, cfg.input_resolution, 3):
       raise ValueError(f"UniFormerV2 expects clips of shape (N, {cfg.t_size}, "
                        f"{cfg.input_resolution}, {cfg.input_resolution}, 3), got {x.shape}")
-    kt = self.patch_embed.value.shape[0]
+    kt = self.patch_embed.shape[0]
     p = cfg.patch_size
     y = jax.lax.conv_general_dilated(
-        x.astype(dtype), self.patch_embed.value.astype(dtype),
+        x.astype(dtype), self.patch_embed[...].astype(dtype),
         window_strides=(2 if cfg.temporal_downsample else 1, p, p),
         padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     n, t, h, w, c = y.shape
     y = y.reshape(n * t, h * w, c)
-    cls = jnp.broadcast_to(self.class_embedding.value.astype(dtype), (n * t, 1, c))
-    y = jnp.concatenate([cls, y], axis=1) + self.pos_embedding.value.astype(dtype)
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (n * t, 1, c))
+    y = jnp.concatenate([cls, y], axis=1) + self.pos_embedding[...].astype(dtype)
     return self.ln_pre(y)
 
   def run_blocks(self, x, n: int, key=None, train: bool = False):

@@ -1,0 +1,41 @@
+"""Shared fixtures: golden references of the original PyTorch UniFormerV2."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden"
+
+
+def golden_case(name: str):
+  """(arrays, upstream constructor config) of a golden case."""
+  z = np.load(GOLDEN / f"{name}.npz")
+  arrays = {k: z[k] for k in z.files if k != "config_json"}
+  return arrays, json.loads(str(z["config_json"]))["config"]
+
+
+def torch_input_to_jax(x: np.ndarray) -> np.ndarray:
+  """(N, C, T, H, W) PyTorch layout -> (N, T, H, W, C)."""
+  return np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1))
+
+
+def rel_err(actual, expected) -> float:
+  """max |a - e| / max |e|: the golden README's notion of relative error."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.fixture
+def x64():
+  """float64 for the duration of one test (golden comparisons)."""
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+  return GOLDEN
