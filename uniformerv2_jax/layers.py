@@ -86,7 +86,7 @@ def drop_path(x, rate, key, mask_shape):
   `rate` may be a traced scalar (per-layer rates under scan). `mask_shape` is
   broadcast against x; the caller chooses it to match the upstream's semantics.
   """
-  if key is None:
+  if key is None or (isinstance(rate, (int, float)) and rate == 0):
     return x
   keep = 1.0 - rate
   mask = jax.random.bernoulli(key, keep, mask_shape)

@@ -164,14 +164,17 @@ class GlobalBlock(nnx.Module):
     self.mlp = MLP(c, hidden, rngs=rngs, dt=dt, fc_init=uniform(xavier_bound(c, hidden)),
                    proj_init=None, proj_bias_init=None, rate=mlp_rate)
 
-  def __call__(self, cls, y, *, key=None, rate=0.0, attention_impl="xla"):
-    """cls: (N, 1, C); y: (N, M, C) tokens of one backbone layer."""
+  def __call__(self, cls, y, *, key=None, rate=0.0):
+    """cls: (N, 1, C); y: (N, M, C) tokens of one backbone layer.
+
+    One query per video: plain XLA attention (a fused kernel would pad it to 64).
+    """
     n, m, c = y.shape
     hd = c // self.heads
     k1, k2, k3 = _split(key, 3)
     q = self.q(self.ln_1(cls)).reshape(n, 1, self.heads, hd)
     kv = self.kv(self.ln_3(y)).reshape(n, m, 2, self.heads, hd)
-    a = attention(q, kv[:, :, 0], kv[:, :, 1], attention_impl)
+    a = attention(q, kv[:, :, 0], kv[:, :, 1], "xla")
     cls = cls + drop_path(self.out(a.reshape(n, 1, c)), rate, k1, (1, 1, 1))
     return cls + drop_path(self.mlp(self.ln_2(cls), k2), rate, k3, (1, 1, 1))
 
@@ -220,7 +223,7 @@ class GlobalAggregator(nnx.Module):
       feats = x[:, :, 1:].reshape(n, t, cfg.grid, cfg.grid, c)
       feats = (feats + self.dpe[j](feats)).reshape(n, t, s - 1, c)
       x = jnp.concatenate([x[:, :, :1], feats.astype(x.dtype)], axis=2).reshape(n, t * s, c)
-      cls = self.dec[j](cls, x, key=keys[j], rate=rates[j], attention_impl=cfg.attention)
+      cls = self.dec[j](cls, x, key=keys[j], rate=rates[j])
     return cls
 
 
