@@ -20,6 +20,12 @@ def compute_dtype_at_least_f32(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def precision(dtype):
+  """Full-precision matmuls for float32/float64 compute (GPUs default to TF32), fast ones below."""
+  return (jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4
+          else jax.lax.Precision.DEFAULT)
+
+
 def uniform(bound: float):
   """U(-bound, bound): PyTorch's default Linear/Conv init has bound 1/sqrt(fan_in)."""
   def init(key, shape, dtype):
@@ -70,7 +76,8 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     kernel = self.kernel[...].astype(self.dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
+    y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)),
+                      precision=precision(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -106,10 +113,11 @@ def attention(q, k, v, impl: str = "xla"):
   if impl == "cudnn":
     return _cudnn_attention(q, k, v)
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  prec = precision(q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, precision=prec)
   ct = compute_dtype_at_least_f32(logits.dtype)
   probs = jax.nn.softmax(logits.astype(ct), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec)
 
 
 def _cudnn_attention(q, k, v, multiple: int = 64):

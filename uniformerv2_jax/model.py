@@ -25,7 +25,7 @@ from flax import nnx
 
 from uniformerv2_jax.config import ModelConfig
 from uniformerv2_jax.layers import (Dense, LayerNorm, attention, drop_path, dropout, param,
-                                    quick_gelu, uniform, xavier_bound)
+                                    precision, quick_gelu, uniform, xavier_bound)
 
 
 def _dtypes(cfg: ModelConfig):
@@ -127,6 +127,15 @@ class Block(nnx.Module):
     self.ln_2 = LayerNorm(c, **dt)
     self.mlp = MLP(c, 4 * c, rngs=rngs, dt=dt)
 
+  def _qkv(self, h):
+    """Three (B, S, heads, head_dim) projections, each from its own contiguous matmul."""
+    b, s, c = h.shape
+    dt = self.qkv.dtype
+    kernel, bias = self.qkv.kernel[...].astype(dt), self.qkv.bias[...].astype(dt)
+    h = h.astype(dt)
+    return [(jnp.dot(h, kernel[:, i], precision=precision(dt)) + bias[i]).reshape(
+        b, s, self.cfg.heads, c // self.cfg.heads) for i in range(3)]
+
   def _lmhra(self, lmhra, x, n, key, rate, train):
     b, s, c = x.shape
     tokens = x[:, 1:].reshape(n, b // n, s - 1, c)
@@ -141,8 +150,8 @@ class Block(nnx.Module):
     if self.lmhra1 is not None:
       x = self._lmhra(self.lmhra1, x, n, k1, rate, train)
     h = self.ln_1(x)
-    qkv = self.qkv(h).reshape(b, s, 3, self.cfg.heads, c // self.cfg.heads)
-    a = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.cfg.attention)
+    q, k, v = self._qkv(h)
+    a = attention(q, k, v, self.cfg.attention)
     x = x + drop_path(self.out(a.reshape(b, s, c)), rate, k2, token_mask)
     if self.lmhra2 is not None:
       x = self._lmhra(self.lmhra2, x, n, k3, rate, train)
@@ -194,7 +203,8 @@ class DepthwiseConv3d(nnx.Module):
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype)[..., None, :],
         window_strides=(1, 1, 1), padding=((1, 1),) * 3,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c)
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c,
+        precision=precision(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -299,6 +309,24 @@ class Backbone(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (n * t, 1, c))
     y = jnp.concatenate([cls, y], axis=1) + self.pos_embedding[...].astype(dtype)
     return self.ln_pre(y)
+
+  def _patchify(self, x):
+    """Conv3d (kt, p, p), stride (st, p, p), temporal padding kt//2, as one matmul.
+
+    (N, T, H, W, 3) -> (N, T', H/p * W/p, C); output frame t reads padded input
+    frames t*st .. t*st + kt - 1.
+    """
+    cfg = self.cfg
+    kernel = self.patch_embed[...].astype(x.dtype)
+    kt, p, _, _, c = kernel.shape
+    st = 2 if cfg.temporal_downsample else 1
+    n, t, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)))
+    t_out = (t + 2 * (kt // 2) - kt) // st + 1
+    taps = [x[:, j: j + st * (t_out - 1) + 1: st] for j in range(kt)]  # each (N, T', H, W, 3)
+    x = jnp.stack(taps, axis=2).reshape(n, t_out, kt, h // p, p, w // p, p, 3)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, t_out, (h // p) * (w // p), kt * p * p * 3)
+    return jnp.dot(x, kernel.reshape(kt * p * p * 3, c), precision=precision(x.dtype))
 
   def run_blocks(self, x, n: int, key=None, train: bool = False):
     """Runs every block; returns (last output, [outputs of return_list layers])."""
