@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from uniformerv2_jax import UniFormerV2, model_config
+from uniformerv2_jax import UniFormerV2, layers, model_config
 from uniformerv2_jax.flops import device_peak_flops, inference_flops_per_clip, train_flops_per_clip
 
 TINY = dict(input_resolution=64, patch_size=16, width=192, layers=4, heads=3,
@@ -117,9 +117,11 @@ def main():
   p.add_argument("--remat", default="none")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--scan", action="store_true")
+  p.add_argument("--dpe", default="conv", help="depthwise conv of the global blocks: conv|shift")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--tiny", action="store_true", help="a small model, for CPU smoke runs")
   args = p.parse_args()
+  layers.DEPTHWISE_IMPL = args.dpe
   models = ["tiny"] if args.tiny else args.models.split(",")
   ints = lambda s: [int(b) for b in s.split(",")]
   rows = []
@@ -136,7 +138,7 @@ def main():
       print(rows[-1], flush=True)
   dev = jax.devices()[0]
   print(f"\nDevice: {jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}, "
-        f"dtype {args.dtype}, scan={args.scan}; MFU vs peak {device_peak_flops()}")
+        f"dtype {args.dtype}, scan={args.scan}, dpe={args.dpe}; MFU vs peak {device_peak_flops()}")
   print(f"| model | mode | batch | attention | remat | clips/s | step ms | TFLOP/s/dev | MFU | compile s |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:

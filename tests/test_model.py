@@ -221,3 +221,13 @@ def test_l14_weights_into_b16_config():
   msg = str(err.value)
   assert "conv1.weight: checkpoint has (1024, 3, 1, 14, 14), config expects (768, 3, 1, 16, 16)" in msg
   assert "unexpected: transformer.resblocks.12." in msg
+
+
+def test_depthwise_conv_implementations_agree(x64):
+  from uniformerv2_jax.layers import depthwise_conv3d
+  x = jax.random.normal(jax.random.key(0), (2, 4, 5, 5, 6), jnp.float64)
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 6), jnp.float64)
+  loss = lambda impl: lambda x, k: jnp.sum(depthwise_conv3d(x, k, impl) ** 2)
+  assert rel_err(depthwise_conv3d(x, k, "shift"), depthwise_conv3d(x, k, "conv")) < 1e-13
+  for g_shift, g_conv in zip(jax.grad(loss("shift"), (0, 1))(x, k), jax.grad(loss("conv"), (0, 1))(x, k)):
+    assert rel_err(g_shift, g_conv) < 1e-13

@@ -134,3 +134,29 @@ def _cudnn_attention(q, k, v, multiple: int = 64):
       query_seq_lengths=jnp.full((b,), s_q, jnp.int32),
       key_value_seq_lengths=jnp.full((b,), s_k, jnp.int32))
   return out[:, :s_q]
+
+
+# How depthwise 3-D convolutions run: "conv" (XLA/cuDNN grouped convolution) or "shift"
+# (a sum of shifted, scaled copies, which XLA fuses into one loop). Same numbers.
+DEPTHWISE_IMPL = "conv"
+
+
+def depthwise_conv3d(x, kernel, impl=None):
+  """Depthwise 3-D cross-correlation, 'same' padding. x: (N, T, H, W, C); kernel (kt, kh, kw, C)."""
+  impl = impl or DEPTHWISE_IMPL
+  kt, kh, kw, c = kernel.shape
+  pads = ((0, 0), (kt // 2, kt // 2), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0))
+  if impl == "conv":
+    return jax.lax.conv_general_dilated(
+        x, kernel[..., None, :], window_strides=(1, 1, 1), padding=pads[1:4],
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c,
+        precision=precision(x.dtype))
+  _, t, h, w, _ = x.shape
+  xp = jnp.pad(x, pads)
+  out = None
+  for a in range(kt):
+    for b in range(kh):
+      for d in range(kw):
+        term = xp[:, a:a + t, b:b + h, d:d + w] * kernel[a, b, d]
+        out = term if out is None else out + term
+  return out

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uniformerv2_jax.config import ModelConfig
-from uniformerv2_jax.layers import (Dense, LayerNorm, attention, drop_path, dropout, param,
-                                    precision, quick_gelu, uniform, xavier_bound)
+from uniformerv2_jax.layers import (Dense, LayerNorm, attention, depthwise_conv3d, drop_path,
+                                    dropout, param, precision, quick_gelu, uniform, xavier_bound)
 
 
 def _dtypes(cfg: ModelConfig):
@@ -199,12 +199,7 @@ class DepthwiseConv3d(nnx.Module):
 
   def __call__(self, x):
     """x: (N, T, H, W, C)."""
-    c = x.shape[-1]
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype)[..., None, :],
-        window_strides=(1, 1, 1), padding=((1, 1),) * 3,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c,
-        precision=precision(self.dtype))
+    y = depthwise_conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
