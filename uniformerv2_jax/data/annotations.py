@@ -44,15 +44,15 @@ def load_class_names(source) -> list[str]:
     """Class names from a list/tuple, a packaged map name (e.g. ``"k400"``) or a file (one a line)."""
     if isinstance(source, (list, tuple)):
         names = [str(n) for n in source]
+    elif source in PACKAGED_LABEL_MAPS:
+        names = packaged_label_map(source).read_text(encoding="utf-8").splitlines()
     else:
-        path = packaged_label_map(source) if source in PACKAGED_LABEL_MAPS else source
         try:
-            names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()] \
-                if hasattr(path, "read_text") and not isinstance(path, str) else \
-                [ln.strip() for ln in open(path, encoding="utf-8")]
+            with open(os.fspath(source), encoding="utf-8") as f:
+                names = f.read().splitlines()
         except FileNotFoundError:
-            raise AnnotationError(f"class-name file not found: {path}") from None
-        names = [n for n in names if n]
+            raise AnnotationError(f"class-name file not found: {source}") from None
+    names = [n.strip() for n in names if n.strip()]
     if len(set(names)) != len(names):
         raise AnnotationError(f"class names in {source!r} are not unique")
     if not names:
@@ -92,7 +92,8 @@ def parse_list(path, class_names: Sequence[str], video_root="", *, fmt: str = "a
                on_unknown: str = "error", label_map: Sequence[int] | None = None):
     """Parse an mmaction2 list or a ``path,label`` CSV into ``(entries, skipped)``.
 
-    ``label_map`` maps the file's ids to ``class_names`` ids (Kinetics -> K710).
+    Labels are ids or names of ``class_names``; ``label_map`` then maps those ids to the built
+    dataset's ids (Kinetics -> K710).
     Unknown labels raise :class:`AnnotationError` listing them (``on_unknown="error"``) or
     are returned in ``skipped`` as ``(name, reason)`` (``on_unknown="skip"``).
     """
@@ -114,9 +115,9 @@ def parse_list(path, class_names: Sequence[str], video_root="", *, fmt: str = "a
             raise AnnotationError(f"{path}:{lineno}: {e}: {line!r}") from None
         if k == 0 and token.lower() in ("label", "class", "label_id") and token not in index:
             continue  # CSV header
-        label = _resolve_label(token, class_names if label_map is None else label_map, index)
+        label = _resolve_label(token, class_names, index)
         if label is not None and label_map is not None:
-            label = label_map[label] if token.lstrip("-").isdigit() else label
+            label = label_map[label]
         if label is None:
             errors.append(f"{path}:{lineno}: unknown label {token!r} "
                           f"(expected 0..{len(class_names) - 1} or a class name)")

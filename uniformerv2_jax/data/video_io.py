@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 import av
 import numpy as np
 
-__all__ = ["VideoDecodeError", "decode_video", "iter_frames", "jpeg_frames", "write_video"]
+__all__ = ["VideoDecodeError", "decode_video", "iter_frames", "jpeg_frames", "jpeg_frames_task",
+           "write_video"]
 
 
 class VideoDecodeError(RuntimeError):
@@ -93,8 +94,9 @@ def decode_video(path, indices: Sequence[int] | None = None, *, fps: float | Non
         raise ValueError(f"{path}: negative frame index in {want.tolist()}")
     needed = None if want is None else set(want.tolist())
     last = -1 if want is None or not want.size else int(want.max())
-    frames, rate = {}, 0.0
+    frames, rate, count = {}, 0.0, 0
     for i, (frame, rate) in enumerate(iter_frames(path, fps=fps, max_fps=max_fps)):
+        count = i + 1
         if needed is None or i in needed:
             frames[i] = frame.to_ndarray(format="rgb24")
         if needed is not None and i >= last:
@@ -105,7 +107,7 @@ def decode_video(path, indices: Sequence[int] | None = None, *, fps: float | Non
         return np.stack([frames[i] for i in range(len(frames))]), rate
     missing = sorted(needed - frames.keys())
     if missing:
-        raise VideoDecodeError(path, f"has only {len(frames) and max(frames) + 1} frames; "
+        raise VideoDecodeError(path, f"has only {count} frames; "
                                      f"frame {missing[0]} was requested")
     if not want.size:
         return np.zeros((0, 0, 0, 3), np.uint8), rate
@@ -147,6 +149,21 @@ def jpeg_frames(path, *, short_side: int | None = 320, fps: float | None = None,
     if not jpegs:
         raise VideoDecodeError(path, "contains no decodable frames")
     return jpegs, rate, size
+
+
+def jpeg_frames_task(task):
+    """Build worker: ``(key, path, name, label, opts)`` -> ``(key, name, label, result)``.
+
+    ``result`` is ``(jpegs, fps)`` or, for a video that cannot be used, the reason (a string).
+    """
+    key, path, name, label, opts = task
+    try:
+        jpegs, fps, _ = jpeg_frames(path, **opts)
+        return key, name, label, (jpegs, fps)
+    except VideoDecodeError as e:
+        return key, name, label, e.reason
+    except Exception as e:  # noqa: BLE001 -- an odd file must never stop a build
+        return key, name, label, f"unexpected decoding error: {type(e).__name__}: {e}"
 
 
 def write_video(path, frames: np.ndarray, fps: float = 25, codec: str = "libx264",

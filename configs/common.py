@@ -1,0 +1,94 @@
+"""Base training config (the shared schema) and `recipe()`, the helper every recipe file uses.
+
+Defaults are the upstream's effective values (shared/recipes.md, "Optimisation (all recipes)").
+Where a default here differs from mmaction2's configs, the comment says so.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model: a preset name + any ModelConfig field (uniformerv2_jax/config.py).
+  c.model = ml_collections.ConfigDict(dict(name="b16", num_classes=400, dtype="bfloat16"))
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="kinetics400",        # TFDS config of uniformerv2_jax.data.builder, "synthetic", or
+                                 # "fake" (random in-memory clips: benchmarks and tests)
+      data_dir="",               # TFDS data_dir holding the built dataset
+      builder="video_classification",
+      train_split="train",
+      eval_split="validation",
+      num_classes=400,
+      class_names=None,          # path / packaged name, or None
+      num_train=256,             # synthetic dataset only
+      num_val=64,                # synthetic dataset only
+  ))
+  c.input = ml_collections.ConfigDict(dict(
+      clip_len=8, crop_size=224, flip=True, randaugment=True, magnitude=7, num_layers=4,
+      num_samples=1))
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch_size=256,
+      epochs=55.0,
+      warmup_epochs=5.0,
+      base_lr=1e-5,              # not scaled with the batch size (upstream)
+      warmup_start_lr=1e-6,      # mmaction2: a fraction of base_lr
+      min_lr=1e-6,               # mmaction2: a fraction of base_lr
+      weight_decay=0.05,         # 0 for every 1-D parameter
+      grad_clip=20.0,            # global L2 norm
+      b1=0.9, b2=0.999, eps=1e-8,
+      grad_accum_steps=1,        # microbatches per step (same global batch on fewer devices)
+      seed=0,
+      log_every_steps=50,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,        # the last K; the best (validation top-1) is kept as well
+      eval_every_epochs=1.0,
+      steps_per_epoch=ml_collections.FieldReference(None, field_type=int),  # None: dataset size
+      eval_batch_size=ml_collections.FieldReference(None, field_type=int),  # None: global batch
+      max_eval_batches=ml_collections.FieldReference(None, field_type=int),
+  ))
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+  c.head_map = ml_collections.FieldReference(None, field_type=str)
+  # Mesh axis sizes (one may be -1: all remaining devices). Tensors with fewer elements than
+  # min_fsdp_size stay replicated on the fsdp axis (uniformerv2_jax.sharding.MIN_FSDP_SIZE).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, min_fsdp_size=2 ** 18))
+  c.eval = ml_collections.ConfigDict(dict(
+      num_clips=4, num_crops=3, spatial="mmaction2", per_device_batch=4,
+      head_map=ml_collections.FieldReference(None, field_type=str), save_scores=False))
+  return c
+
+
+def recipe(*, model, dataset, num_classes, clip_len, crop_size, batch, lr, warmup, epochs,
+           init_from=None, head_map=None, flip=True, num_samples=1, views=(4, 3),
+           model_overrides=None) -> ml_collections.ConfigDict:
+  """One row of the recipes table as a config."""
+  c = get_base_config()
+  c.model.name = model
+  c.model.num_classes = num_classes
+  c.model.t_size = clip_len
+  for k, v in (model_overrides or {}).items():
+    c.model[k] = v
+  c.dataset.name = dataset
+  c.dataset.num_classes = num_classes
+  c.input.clip_len = clip_len
+  c.input.crop_size = crop_size
+  c.input.flip = flip
+  c.input.num_samples = num_samples
+  c.train.global_batch_size = batch
+  c.train.base_lr = lr
+  c.train.warmup_epochs = warmup
+  c.train.epochs = epochs
+  c.init_from = init_from
+  c.head_map = head_map
+  c.eval.num_clips, c.eval.num_crops = views
+  return c
+
+
+# Something-Something V2 model settings (shared/recipes.md, "Model settings per family").
+SSV2 = dict(no_lmhra=False, double_lmhra=True, dw_reduction=1.5, temporal_downsample=True,
+            backbone_drop_path_rate=0.2, drop_path_rate=0.4)
+SSV2_RETURN = {"b16": tuple(range(4, 12)), "l14": tuple(range(8, 24))}
+# Activation checkpointing the upstream used for long clips / 336 (15-24 blocks).
+REMAT = dict(remat="full")

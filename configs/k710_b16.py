@@ -1,0 +1,8 @@
+"""Kinetics-710, B/16 8x224 from CLIP (recipes.md: batch 256, lr 1e-5, 5/55 epochs, 4x3 views)."""
+
+from configs.common import recipe
+
+
+def get_config():
+  return recipe(model="b16", dataset="kinetics710", num_classes=710, clip_len=8, crop_size=224,
+                batch=256, lr=1e-5, warmup=5, epochs=55, init_from="pretrained/clip_b16")

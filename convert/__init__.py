@@ -1,0 +1,195 @@
+"""PyTorch <-> JAX converters for UniFormerV2: `python -m convert clip|uniformerv2|export`.
+
+The functions here are the command line's bodies, usable from Python too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from convert.io import ConversionError, load_torch_file, tensor_dict
+
+Log = Callable[[str], None]
+
+
+def _read_class_names(path: str | None) -> list[str] | None:
+  if path is None:
+    return None
+  if not os.path.isfile(path):
+    raise ConversionError(f"--class-names {path}: no such file")
+  with open(path) as f:
+    return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _cast(tree: Mapping, dtype) -> dict:
+  import jax
+  return jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), dict(tree))
+
+
+def _own_leaves(tree: dict, dtype) -> dict:
+  """Replaces, IN PLACE and one leaf at a time, views into torch buffers by contiguous copies.
+
+  Each replaced view drops the last reference to its torch buffer, so memory moves
+  from the torch layout to the JAX layout instead of holding both. The leaves become
+  jax arrays, which Orbax writes without another host copy.
+  """
+  import jax
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _own_leaves(value, dtype)
+    else:
+      tree[key] = jax.device_put(np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False)))
+  return tree
+
+
+def _init_weights(cfg, seed: int) -> dict:
+  from flax import nnx
+
+  from uniformerv2_jax.model import UniFormerV2
+  from uniformerv2_jax.weights import WEIGHTS
+  return nnx.to_pure_dict(nnx.state(UniFormerV2(cfg, rngs=nnx.Rngs(seed)), WEIGHTS))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init():
+  import jax
+  return jax.jit(_init_weights, static_argnums=(0, 1))
+
+
+def fresh_weights(cfg, seed: int) -> dict:
+  """Weights of `UniFormerV2(cfg, rngs=nnx.Rngs(seed))`, initialised in one compiled call."""
+  import jax
+  return jax.tree.map(np.asarray, _jitted_init()(cfg, int(seed)))
+
+
+def convert_clip_file(input_path: str, model: str, output: str, *, sets: Mapping[str, Any] = (),
+                      seed: int = 0, class_names: Sequence[str] | None = None,
+                      trust_pickle: bool = False, overwrite: bool = False,
+                      log: Log = print) -> str:
+  """A CLIP checkpoint -> an initial UniFormerV2 model directory (see convert/clip.py)."""
+  from uniformerv2_jax.checkpoint import save_pretrained
+
+  from convert import clip, infer
+  _check_output(output, overwrite)
+  tensors = tensor_dict(load_torch_file(input_path, trust_pickle), input_path)
+  tower = clip.image_tower(tensors, input_path)
+  facts = infer.infer_backbone(tower)
+  cfg = infer.resolve_config(model, dict(sets), facts, input_path, skip=("input_resolution",))
+  cfg = cfg.replace(scan_layers=False, dtype="float32", param_dtype="float32")
+  log(f"{input_path}: CLIP image tower, width {cfg.width}, {cfg.layers} layers, patch "
+      f"{cfg.patch_size}; initialising the rest with seed {seed}")
+  init = _cast(fresh_weights(cfg, seed), np.float32)
+  tree = clip.convert_clip(tower, cfg, init, input_path, log=log)
+  out = save_pretrained(output, tree, class_names, config=cfg, overwrite=overwrite)
+  log(f"wrote {out}")
+  return out
+
+
+def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
+                             sets: Mapping[str, Any] = (), head_map=None,
+                             class_names: Sequence[str] | None = None,
+                             trust_pickle: bool = False, overwrite: bool = False,
+                             log: Log = print) -> str:
+  """An upstream UniFormerV2 checkpoint (original or mmaction2 layout) -> model directory."""
+  from uniformerv2_jax import heads
+  from uniformerv2_jax.checkpoint import save_pretrained
+  from uniformerv2_jax.torch_layout import canonical_state_dict
+  from uniformerv2_jax.weights import torch_tensors_to_tree
+
+  from convert import infer
+  _check_output(output, overwrite)
+  # Not memory-mapped: every tensor has its own buffer, freed as soon as its JAX-layout
+  # copy exists (see _own_leaves), so the peak stays near one copy of the weights.
+  tensors = tensor_dict(load_torch_file(input_path, trust_pickle, mmap=False), input_path)
+  first_keys = list(tensors)[:8]
+  canonical, layout = canonical_state_dict(tensors)
+  tensors.clear()
+  if not any(k.startswith("transformer.dec.") for k in canonical):
+    if "conv1.weight" in canonical or any(k.startswith("visual.") for k in canonical):
+      raise ConversionError(f"{input_path} holds no global blocks (transformer.dec.*): it "
+                            "looks like a CLIP image tower; use `python -m convert clip`")
+    raise ConversionError(f"{input_path}: unknown layout, not a UniFormerV2 checkpoint (no "
+                          "backbone.transformer.dec.* / transformer.dec.*); first keys: "
+                          f"{first_keys}")
+  try:
+    facts = infer.infer_uniformerv2(canonical)
+  except ConversionError as e:
+    raise ConversionError(f"{input_path}: unknown layout ({e}); first keys: "
+                          f"{first_keys}") from None
+  sets = dict(sets)
+  index_map = None
+  if head_map is not None:
+    index_map = heads.load_index_map(head_map)
+    target = sets.pop("num_classes", None)
+    if target is not None and int(target) != len(index_map):
+      raise ConversionError(f"--set num_classes={target} contradicts --head-map {head_map} "
+                            f"({len(index_map)} classes)")
+  cfg = infer.resolve_config(model, sets, facts, input_path)
+  cfg = cfg.replace(scan_layers=False, dtype="float32", param_dtype="float32")
+  log(f"{input_path}: {layout} layout; width {cfg.width}, {cfg.layers} layers, "
+      f"{cfg.n_layers} global blocks on {list(cfg.return_list)}, "
+      f"{'no' if cfg.no_lmhra else ('double' if cfg.double_lmhra else 'single')} Local MHRA, "
+      f"temporal_downsample={cfg.temporal_downsample}, {cfg.num_classes} classes")
+  tree = torch_tensors_to_tree(canonical, cfg, source=input_path)
+  canonical.clear()
+  tree = _own_leaves(tree, np.float32)
+  if index_map is not None:
+    try:
+      tree = heads.remap_head(tree, index_map)
+    except ValueError as e:
+      raise ConversionError(f"--head-map {head_map}: {e}") from None
+    cfg = cfg.replace(num_classes=len(index_map))
+    if class_names is None and heads.builtin_name(head_map):
+      class_names = heads.builtin_class_names(heads.builtin_name(head_map))
+    log(f"head remapped to {len(index_map)} classes with {head_map}")
+  out = save_pretrained(output, tree, class_names, config=cfg, overwrite=overwrite)
+  log(f"wrote {out}")
+  return out
+
+
+def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = False,
+                log: Log = print) -> str:
+  """A model directory -> a PyTorch state dict file the upstream code loads."""
+  import torch
+
+  from uniformerv2_jax.checkpoint import load_weights_tree
+  from uniformerv2_jax.torch_layout import export_tensors, to_layout
+  if layout not in ("original", "mmaction2"):
+    raise ConversionError(f"--layout {layout!r}: use 'original' or 'mmaction2'")
+  _check_output(output, overwrite)
+  cfg, tree, _ = load_weights_tree(input_dir)
+  tensors = export_tensors(tree, cfg)
+  if not cfg.no_lmhra:  # BatchNorm3d's counter, so that strict loading finds every key
+    for i in range(cfg.layers):
+      for m in ("lmhra1", "lmhra2") if cfg.double_lmhra else ("lmhra1",):
+        tensors[f"transformer.resblocks.{i}.{m}.pos_embed.0.num_batches_tracked"] = np.array(0)
+  state = to_layout({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
+                    layout)
+  output = os.path.abspath(output)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-",
+                             dir=os.path.dirname(output))
+  os.close(fd)
+  try:
+    torch.save(state, tmp)
+    os.replace(tmp, output)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  log(f"wrote {output} ({layout} layout, {len(tensors)} tensors)")
+  return output
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError(f"{output} already exists; choose another --output or pass --overwrite")
+
+
+__all__ = ["ConversionError", "convert_clip_file", "convert_uniformerv2_file", "export_file",
+           "load_torch_file"]

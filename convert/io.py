@@ -1,0 +1,100 @@
+"""Reading PyTorch checkpoint files safely.
+
+`torch.load(weights_only=True)` only rebuilds tensors and plain containers; a file
+that needs arbitrary unpickling is refused unless the user trusts it. OpenAI's CLIP
+`.pt` files are TorchScript archives and go through `torch.jit.load`. Zip-format files
+can be memory-mapped (`mmap=True`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping
+
+
+class ConversionError(ValueError):
+  """A conversion that cannot proceed; the message names the file and what to do."""
+
+
+def _is_torchscript(path: str) -> bool:
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+  except (zipfile.BadZipFile, OSError):
+    return False
+  return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) -> Any:
+  """The object stored in a .pt/.pth/.pyth file, with tensors (memory-mapped when possible)."""
+  import torch
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: no such file")
+  if os.path.getsize(path) == 0:
+    raise ConversionError(f"{path}: the file is empty (truncated download?)")
+  is_zip = zipfile.is_zipfile(path)
+  if is_zip and _is_torchscript(path):
+    try:
+      return dict(torch.jit.load(path, map_location="cpu").state_dict())
+    except Exception as e:  # noqa: BLE001
+      raise ConversionError(f"{path}: a TorchScript archive that cannot be read "
+                            f"(truncated or corrupt?): {type(e).__name__}: {_short(e)}") from None
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip and mmap)
+  except pickle.UnpicklingError as e:
+    msg = str(e)
+    if "Weights only load failed" in msg and ("Unsupported global" in msg or "GLOBAL" in msg
+                                              or "Unsupported operand" in msg):
+      if not trust_pickle:
+        raise ConversionError(
+            f"{path}: refusing to unpickle: the file stores Python objects besides tensors, and "
+            f"loading them can run arbitrary code ({_unsupported(msg)}). If you trust the file, "
+            "pass --trust-pickle.") from None
+      try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+      except Exception as e2:  # noqa: BLE001
+        raise ConversionError(f"{path}: cannot be unpickled even with --trust-pickle: "
+                              f"{type(e2).__name__}: {_short(e2)}") from None
+    raise ConversionError(f"{path}: truncated or corrupt PyTorch file: {_short(e)}") from None
+  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+          IndexError, TypeError) as e:
+    if is_zip and "data.pkl" in str(e):
+      raise ConversionError(f"{path}: a zip archive but not a PyTorch checkpoint "
+                            f"(no data.pkl): {_short(e)}") from None
+    raise ConversionError(f"{path}: truncated or corrupt PyTorch file (or not a PyTorch "
+                          f"checkpoint): {type(e).__name__}: {_short(e)}") from None
+
+
+def _short(e: BaseException, n: int = 300) -> str:
+  s = " ".join(str(e).split())
+  return s if len(s) <= n else s[:n] + " ..."
+
+
+def _unsupported(msg: str) -> str:
+  for line in msg.splitlines():
+    if "Unsupported" in line:
+      return line.strip()
+  return "non-tensor objects"
+
+
+def tensor_dict(obj: Any, path: str) -> dict[str, Any]:
+  """The {name: tensor} inside a loaded file (unwrapping model_state/state_dict/model)."""
+  import torch
+  sd = obj
+  for wrapper in ("model_state", "state_dict", "model", "module"):
+    if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
+      sd = sd[wrapper]
+  if not isinstance(sd, Mapping) or not sd:
+    raise ConversionError(f"{path}: not a state dict (found {type(obj).__name__}); expected a "
+                          "mapping of parameter names to tensors, possibly under "
+                          "'model_state' or 'state_dict'")
+  tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+  others = sorted(str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor))
+  if not tensors:
+    raise ConversionError(f"{path}: holds no tensors (keys: {others[:10]})")
+  if others:
+    raise ConversionError(f"{path}: entries that are not tensors: {others[:10]}")
+  return dict(tensors)

@@ -1,0 +1,65 @@
+r"""Multi-view evaluation of a model directory (shared/recipes.md, "Test-time spatial views").
+
+    python eval.py --config=configs/k400_b16.py --checkpoint=DIR \
+        [--config.eval.num_clips=4 --config.eval.num_crops=3] [--workdir=OUT]
+
+Writes OUT/results.jsonl (one line per video) and OUT/summary.json (top1, top5,
+mean_class_accuracy, ...); OUT defaults to eval/<DIR name>-<dataset>-<split>. A Kinetics-710
+model is evaluated on K400/K600/K700 with --config.eval.head_map=k400|k600|k700. Multi-host as
+train.py: auto-detected on Cloud TPU and SLURM, else --coordinator_address/--num_processes/
+--process_id.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file (configs/*.py)",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model directory to evaluate")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where results.jsonl and summary.json go")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "stop early (smoke tests; no summary "
+                                    "of the full split)")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (gloo|mpi).")
+flags.mark_flags_as_required(["config", "checkpoint"])
+FLAGS = flags.FLAGS
+
+
+def _maybe_initialize_distributed():
+  import jax
+  if FLAGS.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                     "MEGASCALE_COORDINATOR_ADDRESS")) and \
+      os.environ.get("SLURM_NTASKS", "2") != "1":
+    jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _maybe_initialize_distributed()
+  from uniformerv2_jax.checkpoint import CheckpointError
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  config = _CONFIG.value
+  name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
+  workdir = _WORKDIR.value or os.path.join(
+      "eval", f"{name}-{config.dataset.name}-{config.dataset.eval_split}")
+  try:
+    evaluate_checkpoint(config, _CHECKPOINT.value, workdir, max_batches=_MAX_BATCHES.value)
+  except (CheckpointError, EvalConfigError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,140 @@
+"""The Orbax model directory: round trip, sharded restore, scan layout, bad directories."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from uniformerv2_jax import checkpoint, model_config
+from uniformerv2_jax.checkpoint import (CheckpointError, load_pretrained, read_class_names,
+                                        read_config, restore_weights, save_pretrained)
+from uniformerv2_jax.weights import WEIGHTS, flatten, model_from_tree, weight_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(input_resolution=32, patch_size=8, width=48, layers=4, heads=4, return_list=(2, 3),
+            n_head=4, num_classes=5, t_size=4, no_lmhra=False, temporal_downsample=True)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(**changes):
+  """A model with random weights (no init compile: random numpy through model_from_tree)."""
+  cfg = model_config(None, **{**TINY, **changes})
+  rng = np.random.default_rng(1)
+  tree = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), weight_shapes(cfg))
+  return model_from_tree(cfg, tree)
+
+
+def weights(model):
+  return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, WEIGHTS))).items()}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ckpt") / "model"
+  save_pretrained(path, tiny_model(), class_names=[f"c{i}" for i in range(5)])
+  return path
+
+
+def test_round_trip(saved):
+  model = tiny_model()
+  assert sorted(os.listdir(saved)) == ["class_names.txt", "config.json", "weights"]
+  assert read_config(saved) == model.config
+  assert read_class_names(saved) == ["c0", "c1", "c2", "c3", "c4"]
+  loaded = load_pretrained(saved)
+  want, got = weights(model), weights(loaded)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+  x = np.random.default_rng(0).normal(size=(2, 4, 32, 32, 3)).astype(np.float32)
+  fwd = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_array_equal(fwd(loaded, x), fwd(model, x))
+  scanned = load_pretrained(saved, scan_layers=True, param_dtype="bfloat16")
+  assert scanned.backbone.blocks.qkv.kernel[...].shape[0] == 4
+  assert scanned.backbone.blocks.qkv.kernel[...].dtype == jax.numpy.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(scanned.backbone.blocks.ln_1.scale[...][2], np.float32),
+      np.asarray(model.backbone.blocks[2].ln_1.scale[...]).astype(jax.numpy.bfloat16)
+      .astype(np.float32))
+
+
+def test_sharded_restore_matches(saved, tmp_path):
+  """On 8 simulated devices every array arrives with the sharding the rules give it."""
+  script = textwrap.dedent(f"""
+      import numpy as np, jax
+      from flax import nnx
+      from uniformerv2_jax.checkpoint import load_pretrained, restore_weights
+      from uniformerv2_jax.sharding import make_mesh, state_shardings
+      from uniformerv2_jax.weights import WEIGHTS, flatten, model_from_tree, weight_shapes, stack_layers
+      mesh = make_mesh({{"data": 2, "fsdp": 1, "model": 4}})
+      ref = restore_weights({str(saved)!r})
+      for scan in (False, True):
+        model = load_pretrained({str(saved)!r}, mesh=mesh, scan_layers=scan)
+        state = nnx.state(model, WEIGHTS)
+        want = flatten(nnx.to_pure_dict(state_shardings(state, mesh)))
+        got = flatten(nnx.to_pure_dict(state))
+        vals = flatten(stack_layers(ref) if scan else ref)
+        sharded = 0
+        for k, v in got.items():
+          assert v.sharding.is_equivalent_to(want[k], v.ndim), (k, v.sharding, want[k])
+          np.testing.assert_array_equal(np.asarray(v), vals[k])
+          sharded += any(a is not None for a in want[k].spec)
+        assert sharded >= 10, sharded
+      out = nnx.jit(lambda m, x: m(x))(model, np.zeros((2, 4, 32, 32, 3), np.float32))
+      assert out.shape == (2, 5)
+      print("OK")
+  """)
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  p = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
+
+
+def test_head_map_when_loading(tmp_path):
+  model = tiny_model(num_classes=710)
+  save_pretrained(tmp_path / "k710", model)
+  loaded = load_pretrained(tmp_path / "k710", head_map="k700")
+  assert loaded.config.num_classes == 700
+  import json
+  with open(os.path.join(ROOT, "uniformerv2_jax", "label_maps", "map_k700.json")) as f:
+    index = json.load(f)
+  np.testing.assert_array_equal(np.asarray(loaded.head.fc.kernel[...]),
+                                np.asarray(model.head.fc.kernel[...])[:, index])
+  np.testing.assert_array_equal(np.asarray(loaded.head.fc.bias[...]),
+                                np.asarray(model.head.fc.bias[...])[index])
+
+
+def test_bad_directories(saved, tmp_path):
+  with pytest.raises(CheckpointError, match="no such model directory"):
+    load_pretrained(tmp_path / "nothing")
+  (tmp_path / "half").mkdir()
+  (tmp_path / "half" / "config.json").write_text(read_config(saved).to_json())
+  with pytest.raises(CheckpointError, match=r"half is not a UniFormerV2 model directory \(missing weights\)"):
+    load_pretrained(tmp_path / "half")
+  with pytest.raises(CheckpointError, match=r"mis-shaped: backbone\.blocks\.0\.lmhra1\.bn\.bias: "
+                                           r"stored \(48,\), config expects \(64,\)"):
+    load_pretrained(saved, width=64, heads=4, n_head=4)
+  with pytest.raises(CheckpointError, match="already exists"):
+    save_pretrained(saved, tiny_model())
+  with pytest.raises(CheckpointError, match="3 class names for a 5-way head"):
+    save_pretrained(tmp_path / "n", tiny_model(), class_names=["a", "b", "c"])
+  assert not (tmp_path / "n").exists()
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+  real = checkpoint._write_weights
+
+  def write_then_fail(path, flat):
+    real(path, flat)
+    raise KeyboardInterrupt("interrupted")
+
+  monkeypatch.setattr(checkpoint, "_write_weights", write_then_fail)
+  with pytest.raises(KeyboardInterrupt):
+    save_pretrained(tmp_path / "model", tiny_model())
+  assert os.listdir(tmp_path) == []

@@ -1,0 +1,122 @@
+"""Recipe configs against shared/recipes.md, and bad configs failing before compilation."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (config files import like train.py)
+
+from configs import common
+from uniformerv2_jax.config import model_config
+from uniformerv2_jax.training.config_check import ConfigError, check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if os.path.basename(p) not in ("__init__.py", "common.py", "kinetics_l14.py",
+                                                "ssv2.py"))
+
+
+def load(name):
+  import importlib
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_builds_a_model_config(name):
+  c = load(name)
+  cfg = model_config(**c.model.to_dict())
+  assert cfg.input_resolution == c.input.crop_size and cfg.t_size == c.input.clip_len
+  assert cfg.num_classes == c.dataset.num_classes
+
+
+# (batch, base lr, warm-up, epochs, views) from the recipes table of shared/recipes.md
+TABLE = {
+    "k710_b16": (256, 1e-5, 5, 55, (4, 3)), "k710_l14": (512, 1e-5, 5, 40, (4, 3)),
+    "k710_l14_336": (256, 5e-6, 5, 40, (4, 3)), "k400_b16": (256, 2e-6, 1, 5, (4, 3)),
+    "k600_b16_clip": (256, 1e-5, 5, 55, (4, 3)), "k700_l14_16f": (256, 1.5e-6, 1, 5, (4, 3)),
+    "k400_l14_32f": (128, 1.5e-6, 1, 5, (4, 3)), "k400_l14_336_32f": (128, 1.5e-6, 1, 5, (4, 3)),
+    "mit_b16": (512, 2e-5, 5, 24, (4, 3)), "mit_l14": (512, 1e-5, 5, 18, (4, 3)),
+    "ssv2_b16_16f": (256, 4e-5, 5, 22, (1, 3)), "ssv2_l14_32f": (256, 2e-5, 5, 22, (1, 3)),
+    "frozen_l14_336": (512, 8e-4, 0, 50, (3, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_recipe_table(name):
+  c = load(name)
+  batch, lr, warm, epochs, views = TABLE[name]
+  assert (c.train.global_batch_size, c.train.base_lr, c.train.warmup_epochs, c.train.epochs,
+          (c.eval.num_clips, c.eval.num_crops)) == (batch, lr, warm, epochs, views)
+  assert (c.train.weight_decay, c.train.grad_clip, c.train.b2, c.train.warmup_start_lr,
+          c.train.min_lr) == (0.05, 20.0, 0.999, 1e-6, 1e-6)
+
+
+def test_family_settings():
+  k = load("k400_b16")
+  assert k.head_map == "k400" and k.init_from and k.input.flip
+  s = model_config(**load("ssv2_b16_16f").model.to_dict())
+  assert (s.no_lmhra, s.double_lmhra, s.dw_reduction, s.temporal_downsample) == (False, True, 1.5, True)
+  assert s.return_list == tuple(range(4, 12)) and s.n_layers == 8
+  assert (s.backbone_drop_path_rate, s.drop_path_rate) == (0.2, 0.4)
+  c = load("ssv2_l14_16f")
+  assert not c.input.flip and c.input.num_samples == 2
+  assert model_config(**c.model.to_dict()).return_list == tuple(range(8, 24))
+  assert model_config(**load("frozen_l14_336").model.to_dict()).frozen
+  assert load("k400_l14_32f").model.remat == "full"
+
+
+def tiny(**train):
+  c = load("demo")
+  c.dataset.name = "fake"
+  c.train.update(train)
+  return c
+
+
+def test_good_config_passes():
+  assert check(tiny(), n_devices=8).width == 64
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda c: c.train.__setattr__("bogus", 1), "config.train.bogus is not a known field"),
+    (lambda c: c.model.__setattr__("widht", 8), "config.model.widht is not a model field"),
+    (lambda c: c.train.__setattr__("global_batch_size", 12), "global_batch_size=12 is not divisible by 8"),
+    (lambda c: c.mesh.__setattr__("fsdp", 3), "does not divide 8 devices"),
+    (lambda c: c.dataset.update(name="kinetics400", data_dir="/nonexistent"),
+     "no built dataset 'kinetics400' at /nonexistent"),
+    (lambda c: c.input.__setattr__("crop_size", 64), "crop_size=64 but the model's input_resolution is 32"),
+])
+def test_bad_configs_fail_with_one_message(mutate, message):
+  c = tiny()
+  with c.unlocked():
+    mutate(c)
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    check(c, n_devices=8)
+
+
+def test_init_checkpoint_of_another_model(tmp_path):
+  from flax import nnx
+  from uniformerv2_jax import checkpoint
+  from uniformerv2_jax.model import UniFormerV2
+  c = tiny()
+  other = model_config(**dict(c.model.to_dict(), width=32, heads=2, n_head=2))
+  checkpoint.save_pretrained(str(tmp_path / "other"), UniFormerV2(other, rngs=nnx.Rngs(0)))
+  c.init_from = str(tmp_path / "other")
+  with pytest.raises(ConfigError, match="holds another model than config.model"):
+    check(c, n_devices=1)
+  c.init_from = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match="config.init_from"):
+    check(c, n_devices=1)
+
+
+def test_train_py_reports_bad_config_without_traceback(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/demo.py",
+       f"--workdir={tmp_path}", "--config.train.global_batch_size=12",
+       "--config.dataset.name=fake"],
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert out.returncode != 0
+  assert "error: Bad config: config.train.global_batch_size=12 is not divisible by 8" in out.stderr
+  assert "Traceback" not in out.stderr

@@ -1,0 +1,231 @@
+"""UniFormerV2 checkpoints through the CLI, load_pretrained and export, against golden logits."""
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import GOLDEN, golden_case, rel_err, torch_input_to_jax
+from convert.__main__ import main as cli_main
+from uniformerv2_jax.checkpoint import (load_pretrained, read_class_names, read_config,
+                                        restore_weights)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_logits():
+  return nnx.jit(lambda model, x: model(x))
+
+
+def logits(directory, case, **kw):
+  arrays, _ = golden_case(case)
+  model = load_pretrained(directory, dtype="float64", param_dtype="float64", **kw)
+  return np.asarray(_jit_logits()(model, jnp.asarray(torch_input_to_jax(arrays["input"]),
+                                                      jnp.float64))), arrays
+
+
+def config_file(tmp_path, case, **changes):
+  _, cfg = golden_case(case)
+  path = tmp_path / f"{case}.json"
+  path.write_text(json.dumps({**cfg, **changes}))
+  return str(path)
+
+
+def run_cli(*args):
+  """`python -m convert ...` in a subprocess; returns (exit code, stdout + stderr)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-W", "ignore", "-m", "convert", *map(str, args)],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return p.returncode, p.stdout + p.stderr
+
+
+def cli(*args):
+  """The same command line, in-process (faster); returns (exit code, stderr text)."""
+  import contextlib
+  import io
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli_main([str(a) for a in args])
+  return code, err.getvalue()
+
+
+def only_entries(parent):
+  return sorted(os.listdir(parent))
+
+
+@pytest.fixture(scope="module")
+def k400_dir(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("k400")
+  names = tmp / "names.txt"
+  names.write_text("".join(f"class {i}\n" for i in range(10)))
+  code, out = run_cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth",
+                      "--model", config_file(tmp, "tiny_k400"), "--class-names", names,
+                      "--output", tmp / "model")
+  assert code == 0, out
+  return tmp / "model"
+
+
+def test_k400_cli_load_pretrained_logits(k400_dir, x64):
+  out, arrays = logits(k400_dir, "tiny_k400")
+  assert rel_err(out, arrays["logits"]) < 1e-9
+  assert read_class_names(k400_dir) == [f"class {i}" for i in range(10)]
+
+
+def test_ssv2_mmaction_cli_with_inferred_config(tmp_path, x64):
+  """Only what shapes cannot tell is given; Local MHRA etc. are read off the checkpoint."""
+  cfg = tmp_path / "partial.json"
+  cfg.write_text(json.dumps({"t_size": 8, "heads": 4, "n_head": 4}))
+  code, out = run_cli("uniformerv2", "--input", GOLDEN / "tiny_ssv2_mmaction.pth",
+                      "--model", cfg, "--output", tmp_path / "model")
+  assert code == 0, out
+  got = read_config(tmp_path / "model")
+  _, want = golden_case("tiny_ssv2")
+  for field in ("input_resolution", "patch_size", "width", "layers", "temporal_downsample",
+                "no_lmhra", "double_lmhra", "dw_reduction", "n_layers", "num_classes", "frozen",
+                "mlp_factor"):
+    assert getattr(got, field) == want[field], field
+  assert list(got.return_list) == want["return_list"]
+  out, arrays = logits(tmp_path / "model", "tiny_ssv2")
+  assert rel_err(out, arrays["logits"]) < 1e-9
+
+
+@pytest.mark.parametrize("case,layout", [("tiny_ssv2", "{}.pyth"), ("tiny_k400", "{}_mmaction.pth")])
+def test_other_layouts_in_process(case, layout, tmp_path, x64):
+  code, err = cli("uniformerv2", "--input", GOLDEN / layout.format(case),
+                  "--model", config_file(tmp_path, case), "--output", tmp_path / "m")
+  assert code == 0, err
+  out, arrays = logits(tmp_path / "m", case, scan_layers=True)
+  assert rel_err(out, arrays["logits"]) < 1e-9
+
+
+def _tensors(path):
+  sd = torch.load(path, weights_only=True)
+  sd = sd.get("model_state", sd.get("state_dict", sd))
+  return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("case", ["tiny_k400", "tiny_ssv2"])
+def test_export_round_trip(case, tmp_path, x64):
+  code, err = cli("uniformerv2", "--input", GOLDEN / f"{case}.pyth",
+                  "--model", config_file(tmp_path, case), "--output", tmp_path / "m")
+  assert code == 0, err
+  for layout, original in (("original", f"{case}.pyth"), ("mmaction2", f"{case}_mmaction.pth")):
+    exported = tmp_path / f"export_{layout}.pth"
+    code, err = cli("export", "--input", tmp_path / "m", "--layout", layout, "--output", exported)
+    assert code == 0, err
+    got, want = _tensors(exported), _tensors(GOLDEN / original)
+    assert got.keys() == want.keys()
+    for k in want:
+      assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    raw = torch.load(exported, weights_only=True)
+    assert ("model_state" in raw) == (layout == "original")
+    code, err = cli("uniformerv2", "--input", exported, "--model", config_file(tmp_path, case),
+                    "--output", tmp_path / f"again_{layout}")
+    assert code == 0, err
+    first, again = restore_weights(tmp_path / "m"), restore_weights(tmp_path / f"again_{layout}")
+    jax.tree.map(np.testing.assert_array_equal, again, first)  # identical model
+  out, arrays = logits(tmp_path / "again_mmaction2", case)
+  assert rel_err(out, arrays["logits"]) < 1e-9
+
+
+def test_head_map_on_cli(tmp_path):
+  """A made-up 710-way checkpoint becomes a K600 model with the published map."""
+  sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)["model_state"]
+  rng = np.random.default_rng(0)
+  sd["backbone.transformer.proj.2.weight"] = torch.from_numpy(
+      rng.normal(size=(710, 64)).astype(np.float32))
+  sd["backbone.transformer.proj.2.bias"] = torch.from_numpy(
+      rng.normal(size=(710,)).astype(np.float32))
+  torch.save({"model_state": sd}, tmp_path / "k710.pyth")
+  code, err = cli("uniformerv2", "--input", tmp_path / "k710.pyth", "--model",
+                  config_file(tmp_path, "tiny_k400", num_classes=710), "--head-map", "k600",
+                  "--output", tmp_path / "m")
+  assert code == 0, err
+  fc = restore_weights(tmp_path / "m")["head"]["fc"]
+  with open(os.path.join(ROOT, "uniformerv2_jax", "label_maps", "map_k600.json")) as f:
+    index = json.load(f)
+  np.testing.assert_array_equal(fc["kernel"], sd["backbone.transformer.proj.2.weight"].numpy()[index].T)
+  np.testing.assert_array_equal(fc["bias"], sd["backbone.transformer.proj.2.bias"].numpy()[index])
+  assert read_config(tmp_path / "m").num_classes == 600
+  names = read_class_names(tmp_path / "m")
+  assert len(names) == 600 and names[0] == open(os.path.join(
+      ROOT, "uniformerv2_jax", "label_maps", "label_map_k600.txt")).readline().strip()
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def _bad(tmp_path, *args):
+  before = only_entries(tmp_path)
+  code, err = cli(*args, "--output", tmp_path / "out")
+  assert code == 2, err
+  assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
+  assert only_entries(tmp_path) == before  # no output, no temporary leftovers
+  return err
+
+
+def test_truncated_file(tmp_path):
+  data = (GOLDEN / "tiny_k400.pyth").read_bytes()
+  (tmp_path / "cut.pyth").write_bytes(data[: len(data) // 2])
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "cut.pyth", "--model",
+             config_file(tmp_path, "tiny_k400"))
+  assert "cut.pyth" in err and "truncated or corrupt" in err
+
+
+def test_pickle_needing_code_is_refused_unless_trusted(tmp_path):
+  sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)
+  sd["cfg"] = argparse.Namespace(lr=0.1)
+  torch.save(sd, tmp_path / "pickled.pyth")
+  cfg = config_file(tmp_path, "tiny_k400")
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "pickled.pyth", "--model", cfg)
+  assert "pickled.pyth" in err and "--trust-pickle" in err and "Namespace" in err
+  code, err = cli("uniformerv2", "--input", tmp_path / "pickled.pyth", "--model", cfg,
+                  "--trust-pickle", "--output", tmp_path / "trusted")
+  assert code == 0, err
+
+
+def test_unknown_layout(tmp_path):
+  torch.save({"layer1.0.conv1.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "resnet.pth")
+  for command in ("uniformerv2", "clip"):
+    err = _bad(tmp_path, command, "--input", tmp_path / "resnet.pth", "--model",
+               config_file(tmp_path, "tiny_k400"))
+    assert "resnet.pth" in err and "unknown layout" in err and "layer1.0.conv1.weight" in err
+
+
+def test_weights_of_another_model(tmp_path):
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model",
+             config_file(tmp_path, "tiny_ssv2"))
+  assert "tiny_k400.pyth" in err and "another model" in err
+  for fact in ("width", "class_embedding", "no_lmhra", "num_classes", "transformer.proj.2.weight"):
+    assert fact in err, fact
+
+
+def test_wrong_class_count(tmp_path):
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model",
+             config_file(tmp_path, "tiny_k400"), "--set", "num_classes=5")
+  assert "num_classes" in err and "10" in err and "transformer.proj.2.weight" in err
+
+
+def test_clip_file_given_to_uniformerv2(tmp_path):
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_clip_visual.pth", "--model",
+             config_file(tmp_path, "tiny_clip"))
+  assert "tiny_clip_visual.pth" in err and "convert clip" in err
+
+
+def test_mismatch_only_the_rules_see_is_named_by_key(tmp_path):
+  """A tensor of the wrong shape that inference does not look at: the key is named."""
+  sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)["model_state"]
+  sd["backbone.transformer.dpe.1.bias"] = torch.zeros(3)
+  torch.save({"model_state": sd}, tmp_path / "bad.pyth")
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "bad.pyth", "--model",
+             config_file(tmp_path, "tiny_k400"))
+  assert "bad.pyth" in err and "transformer.dpe.1.bias" in err and "(3,)" in err

@@ -1,0 +1,100 @@
+"""Annotation parsing: mmaction2 lists, path,label CSV, SSv2 JSON, the Kinetics-710 union."""
+import json
+
+import pytest
+
+from uniformerv2_jax.data import annotations as ann
+
+NAMES = ["abseiling", "air drumming", "answering questions"]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_mmaction2_list(tmp_path):
+    path = write(tmp_path, "l.txt", "a/x.mp4 0\n\n# comment\nair drumming/y z.mp4 2\n")
+    entries, skipped = ann.parse_list(path, NAMES, "/videos")
+    assert [(e.path, e.label, e.name) for e in entries] == [
+        ("/videos/a/x.mp4", 0, "a/x.mp4"), ("/videos/air drumming/y z.mp4", 2, "air drumming/y z.mp4")]
+    assert skipped == []
+
+
+def test_original_csv_with_header_names_and_extra_columns(tmp_path):
+    path = write(tmp_path, "l.csv", "path,label\nv1.mp4,1\nv2.mp4,answering questions,3,0\n"
+                                    "v3.mp4,air_drumming\n")
+    entries, _ = ann.parse_list(path, NAMES, tmp_path)
+    assert [(e.name, e.label) for e in entries] == [("v1.mp4", 1), ("v2.mp4", 2), ("v3.mp4", 1)]
+
+
+@pytest.mark.parametrize("line", ["v.mp4 3", "v.mp4 -1", "v.mp4 juggling"])
+def test_unknown_label_names_file_and_line(tmp_path, line):
+    path = write(tmp_path, "l.txt", f"ok.mp4 0\n{line}\n")
+    with pytest.raises(ann.AnnotationError, match=rf"l.txt:2: unknown label") as err:
+        ann.parse_list(path, NAMES)
+    assert "on_unknown_label='skip'" in str(err.value)
+    entries, skipped = ann.parse_list(path, NAMES, on_unknown="skip")
+    assert [e.name for e in entries] == ["ok.mp4"] and skipped[0][0] == "v.mp4"
+
+
+def test_multilabel_or_rawframe_lines_are_refused(tmp_path):
+    path = write(tmp_path, "l.txt", "frames/v 300 1\n")
+    with pytest.raises(ann.AnnotationError, match=r"l.txt:1: more than one number"):
+        ann.parse_list(path, NAMES)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ann.AnnotationError, match="annotation file not found"):
+        ann.parse_list(tmp_path / "nope.txt", NAMES)
+    with pytest.raises(ann.AnnotationError, match="class-name file not found"):
+        ann.load_class_names(str(tmp_path / "nope.txt"))
+
+
+def test_packaged_label_maps():
+    assert len(ann.load_class_names("k400")) == 400
+    assert len(ann.load_class_names("k710")) == 710
+    assert len(ann.load_class_names("sthv2")) == 174
+    assert len(ann.load_class_names("mit")) == 339
+    k600 = ann.load_index_map("k600")
+    assert sorted(k600) == sorted(set(k600)) and max(k600) < 710
+
+
+def test_ssv2_json(tmp_path):
+    names = ann.load_class_names("sthv2")
+    template = names[5].replace("something", "[something]", 1)
+    items = [{"id": "11", "label": "x", "template": template, "placeholders": []},
+             {"id": "12", "label": "y", "template": "Juggling [something]", "placeholders": []}]
+    path = write(tmp_path, "train.json", json.dumps(items))
+    with pytest.raises(ann.AnnotationError, match="id 12.*unknown template"):
+        ann.parse_ssv2_json(path, names, "/v")
+    entries, skipped = ann.parse_ssv2_json(path, names, "/v", on_unknown="skip")
+    assert [(e.path, e.label) for e in entries] == [("/v/11.webm", 5)]
+    assert skipped == [("12.webm", "unknown label 'Juggling something'")]
+
+
+def test_kinetics_youtube_id():
+    assert ann.kinetics_id("abseiling/-3B32lodo2M_000059_000069.mp4") == "-3B32lodo2M"
+    assert ann.kinetics_id("a_b_c_d_e_f_000001_000011.mp4") == "a_b_c_d_e_f"
+    assert ann.kinetics_id("plainname.mp4") == "plainname"
+
+
+def test_kinetics710_union_dedups_drops_heldout_and_maps_labels(tmp_path):
+    k400, k600 = ann.load_index_map("k400"), ann.load_index_map("k600")
+    l400 = write(tmp_path, "k400.txt", "AAAAAAAAAAA_000001_000011.mp4 3\n"
+                                       "BBBBBBBBBBB_000001_000011.mp4 7\n")
+    l600 = write(tmp_path, "k600.txt", "AAAAAAAAAAA_000001_000011.mp4 3\n"
+                                       "CCCCCCCCCCC_000005_000015.mp4 10\n"
+                                       "DDDDDDDDDDD_000005_000015.mp4 11\n")
+    e400, _ = ann.parse_list(l400, ann.load_class_names("k400"), label_map=k400)
+    e600, _ = ann.parse_list(l600, ann.load_class_names("k600"), label_map=k600)
+    heldout = write(tmp_path, "val.csv", "label,youtube_id,time_start,time_end,split\n"
+                                         "x,DDDDDDDDDDD,5,15,val\n")
+    entries, dropped = ann.kinetics710_entries([e400, e600], ann.read_ids(heldout))
+    assert [(ann.kinetics_id(e.name), e.label) for e in entries] == [
+        ("AAAAAAAAAAA", k400[3]), ("BBBBBBBBBBB", k400[7]), ("CCCCCCCCCCC", k600[10])]
+    assert dropped == {"duplicate": 1, "heldout": 1}
+    # class ids really change meaning through the map: K600 id 10 is the same name in K710
+    assert ann.load_class_names("k710")[k600[10]].lower() == \
+        ann.load_class_names("k600")[10].lower()

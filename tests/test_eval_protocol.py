@@ -1,0 +1,137 @@
+"""A converted golden checkpoint evaluated with eval.py's driver on a small built dataset gives
+the per-video scores of the upstream protocol run by hand (recipes.md): test-mode sampling
+indices, short-side resize, ThreeCrop, softmax mean over clips x crops."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from uniformerv2_jax import from_torch_state_dict, model_config
+from uniformerv2_jax.checkpoint import save_pretrained
+
+from conftest import GOLDEN, golden_case
+from test_predict import hand_indices, hand_resize, softmax
+
+# (height, width, frames): landscape, portrait, square, long, and shorter than the clip.
+VIDEOS = [(40, 56, 13), (56, 40, 9), (48, 48, 20), (36, 50, 31), (40, 52, 3)]
+LABELS = [3, 0, 2, 1, 3]
+CLASSES = [f"class {c}" for c in range(10)]
+NUM_CLIPS, NUM_CROPS = 2, 3
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+  _, cfg = golden_case("tiny_k400")
+  sd = torch.load(GOLDEN / "tiny_k400.pyth", map_location="cpu", weights_only=True)
+  model = from_torch_state_dict(sd, model_config(None, **cfg))
+  ckpt = save_pretrained(str(tmp_path_factory.mktemp("ckpt") / "tiny_k400"), model,
+                         class_names=CLASSES)
+  return model, ckpt
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  from uniformerv2_jax.data.builder import VideoConfig, build_dataset
+  from uniformerv2_jax.data.synthetic import render_clip
+  from uniformerv2_jax.data.video_io import write_video
+  root = tmp_path_factory.mktemp("videos")
+  rng = np.random.default_rng(0)
+  lines = []
+  for i, ((h, w, n), label) in enumerate(zip(VIDEOS, LABELS)):
+    frames = render_clip(rng, label % 4, size=max(h, w), num_frames=n)[:, :h, :w]
+    write_video(str(root / f"v{i}.mp4"), frames, fps=25)
+    lines.append(f"v{i}.mp4 {label}\n")
+  (root / "val.txt").write_text("".join(lines))
+  cfg = VideoConfig(name="evalprotocol", annotations={"validation": str(root / "val.txt")},
+                    video_roots={"validation": str(root)}, class_names=CLASSES, short_side=None)
+  return build_dataset(str(tmp_path_factory.mktemp("tfds")), cfg, num_workers=1)
+
+
+def stored_frames(builder):
+  """{video name: (frames (n, H, W, 3), label)}: the dataset's JPEG frames, decoded with
+  TensorFlow's decoder (the pipeline's; other JPEG decoders differ by a few grey levels)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  source = builder.as_data_source(
+      "validation", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  out = {}
+  for i in range(len(source)):
+    f = tf.train.Example.FromString(source[i]).features.feature
+    frames = np.stack([tf.io.decode_jpeg(j, channels=3).numpy() for j in f["video"].bytes_list.value])
+    out[f["name"].bytes_list.value[0].decode()] = (frames, int(f["label"].int64_list.value[0]))
+  return out
+
+
+def hand_protocol(model, frames):
+  """Upstream protocol by hand: indices, mmaction2 resize + ThreeCrop, softmax mean."""
+  t, s = model.config.t_size, model.config.input_resolution
+  views = []
+  for clip in frames[hand_indices(len(frames), t, NUM_CLIPS)]:
+    _, h, w, _ = clip.shape
+    short, long_ = min(h, w), max(h, w)
+    new_long = int(long_ * s / short + 0.5)
+    r = hand_resize(clip, *((s, new_long) if h <= w else (new_long, s)))
+    free = new_long - s
+    for o in (0, 2 * (free // 2), free // 2):
+      views.append(r[:, :, o:o + s] if w >= h else r[:, o:o + s, :])
+  views = np.stack(views)
+  logits = np.asarray(model((views.astype(np.float32) - 114.75) / 57.375), np.float64)
+  return views, softmax(logits).mean(0)
+
+
+def _config(per_device_batch=2):
+  from configs.common import get_base_config
+  c = get_base_config()
+  c.model.dtype = "float32"
+  c.dataset.name, c.dataset.num_classes, c.dataset.eval_split = "evalprotocol", 10, "validation"
+  c.input.clip_len, c.input.crop_size = 4, 32
+  c.eval.num_clips, c.eval.num_crops, c.eval.per_device_batch = NUM_CLIPS, NUM_CROPS, per_device_batch
+  c.eval.save_scores = True
+  return c
+
+
+def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
+  from uniformerv2_jax import data
+  from uniformerv2_jax.evaluation.driver import evaluate_checkpoint, video_names
+  model, ckpt = golden
+  stored = stored_frames(dataset)
+  assert len(stored) == len(VIDEOS)
+
+  # The pipeline's views are the hand views (up to one grey level of rounding), in
+  # clip-major, crop-minor order.
+  ds = data.eval_dataset(dataset, "validation", clip_len=4, crop_size=32, num_clips=NUM_CLIPS,
+                         num_crops=NUM_CROPS, per_host_batch=4)
+  rows = list(ds.as_numpy_iterator())
+  split_names = video_names(dataset, "validation", range(len(VIDEOS)))
+  hand = {name: hand_protocol(model, frames) for name, (frames, _) in stored.items()}
+  expected = {name: probs for name, (_, probs) in hand.items()}
+  seen = set()
+  for b in rows:
+    for video, vid, view, mask in zip(b["video"], b["video_id"], b["view"], b["mask"]):
+      if mask:
+        name = split_names[int(vid)]
+        seen.add((name, int(view)))
+        diff = np.abs(video.astype(int) - hand[name][0][int(view)].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.02, (name, int(view))
+  assert len(seen) == len(VIDEOS) * NUM_CLIPS * NUM_CROPS
+
+  summary = evaluate_checkpoint(_config(), ckpt, str(tmp_path), builder=dataset)
+  results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert len(results) == len(VIDEOS) == summary["num_videos"]
+  scores, labels = [], []
+  for rec in results:
+    name = rec["video"]
+    np.testing.assert_allclose(rec["all_scores"], expected[name], atol=2e-3)
+    assert rec["label"] == stored[name][1]
+    scores.append(expected[name])
+    labels.append(rec["label"])
+  from uniformerv2_jax.evaluation import classification_metrics
+  want = classification_metrics(np.array(scores), np.array(labels))
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  for k in ("top1", "top5", "mean_class_accuracy"):
+    assert on_disk[k] == pytest.approx(want[k])
+  assert on_disk["num_views"] == NUM_CLIPS * NUM_CROPS
+  assert on_disk["protocol"]["spatial"] == "mmaction2"

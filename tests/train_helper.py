@@ -1,0 +1,90 @@
+"""Subprocess entry for the training tests (device count is fixed per process by XLA_FLAGS).
+
+  python tests/train_helper.py train   WORKDIR '{"train.epochs": 2, ...}'
+  python tests/train_helper.py restore WORKDIR '{"mesh.data": 4, ...}'
+
+`train` runs train.py's loop on a tiny model with fake data and writes WORKDIR/params.npz
+(final parameters). `restore` loads the latest checkpoint of WORKDIR onto this process's
+devices and writes WORKDIR/restored_<n>.npz.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def tiny_config(overrides):
+  from configs.demo import get_config
+  c = get_config()
+  c.model.update(input_resolution=16, width=32, layers=2, heads=2, return_list=(0, 1), n_head=2,
+                 t_size=4, num_classes=5)
+  c.dataset.update(name="fake", num_classes=5, num_val=16)
+  c.input.update(clip_len=4, crop_size=16)
+  c.train.update(global_batch_size=16, epochs=1, steps_per_epoch=4, log_every_steps=1,
+                 checkpoint_every_steps=2, eval_every_epochs=1, warmup_epochs=0.5)
+  c.mesh.min_fsdp_size = 1  # shard even tiny tensors over fsdp
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def flat_params(state):
+  from jax.experimental import multihost_utils
+  from uniformerv2_jax.training.state import unscanned_weights
+  tree = unscanned_weights(state)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, leaf in flat:
+    if jax.process_count() > 1:
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
+    out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+  return out
+
+
+def restore(config, workdir):
+  from uniformerv2_jax.training.checkpointing import Checkpointer
+  from uniformerv2_jax.training.loop import build_model_config, make_mesh
+  from uniformerv2_jax.training.optim import make_optimizer
+  from uniformerv2_jax.training.state import model_def, state_shapes, state_shardings
+  cfg = build_model_config(config)
+  mesh = make_mesh(config)
+  tx, _ = make_optimizer(config.train, 4, 4)
+  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
+  ckpt = Checkpointer(workdir, keep=10)
+  state, meta = ckpt.restore(state_shapes(mdef, tx, cfg.frozen),
+                             state_shardings(mdef, tx, mesh, cfg.frozen))
+  ckpt.close()
+  return state, meta
+
+
+def main():
+  mode, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+  if "coordinator" in overrides:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(overrides.pop("coordinator"), overrides.pop("num_processes"),
+                               overrides.pop("process_id"))
+  config = tiny_config(overrides)
+  if mode == "train":
+    from uniformerv2_jax.training.loop import train_and_evaluate
+    train_and_evaluate(config, workdir)
+  state, meta = restore(config, workdir)
+  params = flat_params(state)
+  if jax.process_index() == 0:
+    name = "params.npz" if mode == "train" else f"restored_{jax.device_count()}.npz"
+    np.savez(os.path.join(workdir, name), step=meta["step"], **params)
+    # sharding of one large matrix, for the test to see that fsdp really split it
+    leaf = state["params"]["head"]["fc"]["kernel"]
+    print("SHARDING", leaf.sharding.spec, flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,68 @@
+"""Train UniFormerV2: `python train.py --config=configs/k710_b16.py --workdir=DIR`.
+
+The same command runs on one CPU, eight GPUs or a Cloud TPU pod. Multi-host: on Cloud TPU
+and SLURM `jax.distributed.initialize()` finds its peers; elsewhere pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. A workdir that holds
+checkpoints resumes. `--aot_topology=v5p:4x4x4` compiles the train step for a TPU slice
+on this machine and prints its memory and estimated step time instead of training.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and summary.json.")
+flags.DEFINE_string("aot_topology", None, "e.g. v5p:4x4x4 or v4:4x4x4: compile only, for sizing.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (gloo|mpi).")
+FLAGS = flags.FLAGS
+
+
+def _maybe_initialize_distributed():
+  import jax
+  if FLAGS.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                     "MEGASCALE_COORDINATOR_ADDRESS")) and \
+      os.environ.get("SLURM_NTASKS", "2") != "1":
+    jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines off the console
+  from uniformerv2_jax.training.config_check import ConfigError
+  config = FLAGS.config
+  if FLAGS.aot_topology:
+    from uniformerv2_jax.training import aot
+    try:
+      aot.compile_for_topology(config, FLAGS.aot_topology)
+    except ConfigError as e:
+      sys.exit(f"error: {e}")
+    return
+  if not FLAGS.workdir:
+    sys.exit("error: --workdir is required")
+  _maybe_initialize_distributed()
+  from uniformerv2_jax.training.loop import TrainingDiverged, train_and_evaluate
+  try:
+    train_and_evaluate(config, FLAGS.workdir)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  except TrainingDiverged as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

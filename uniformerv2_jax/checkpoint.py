@@ -1,0 +1,336 @@
+"""The model directory: weights (Orbax), `config.json` and optional `class_names.txt`.
+
+    DIR/
+      config.json       ModelConfig.to_json() (upstream argument names)
+      class_names.txt   optional, one name per line (line i is class i)
+      weights/          Orbax checkpoint: flat {"backbone.blocks.0.qkv.kernel": array, ...}
+                        of parameters and BatchNorm statistics, UNSCANNED layout
+
+`save_pretrained` writes everything into a temporary directory beside DIR and renames
+it into place only when complete, so a failed or interrupted save never leaves
+something that looks like a checkpoint. `load_pretrained(DIR, mesh=...)` restores
+each array straight into its NamedSharding (no full copy on one host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uniformerv2_jax.config import ModelConfig
+from uniformerv2_jax.weights import (WEIGHTS, abstract_model, flatten, nest, unstack_layers,
+                                     weight_shapes)
+
+CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.txt"
+WEIGHTS_DIR = "weights"
+SEP = "."
+
+
+class CheckpointError(ValueError):
+  """A model directory that is missing, incomplete or does not fit the requested model."""
+
+
+# ---------------------------------------------------------------------------------------
+# Flat string keys <-> the pure-dict tree (whose list indices are ints).
+
+def _key(path: Sequence[Any]) -> str:
+  return SEP.join(str(p) for p in path)
+
+
+def _path(key: str) -> tuple:
+  return tuple(int(p) if p.isdigit() else p for p in key.split(SEP))
+
+
+def flat_weights(tree: Mapping) -> dict[str, Any]:
+  """Unscanned pure-dict tree -> {"backbone.blocks.0.qkv.kernel": leaf}."""
+  return {_key(p): v for p, v in flatten(unstack_layers(tree)).items()}
+
+
+def unflat_weights(flat: Mapping[str, Any]) -> dict:
+  return nest({_path(k): v for k, v in flat.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Writing.
+
+def _weights_tree(model_or_tree) -> dict:
+  if isinstance(model_or_tree, nnx.Module):
+    return nnx.to_pure_dict(nnx.state(model_or_tree, WEIGHTS))
+  return dict(model_or_tree)
+
+
+def _write_weights(path: str, flat: Mapping[str, Any]) -> None:
+  import orbax.checkpoint as ocp
+  # Synchronous, with at most ~1 GB of arrays in flight: converting L/14 then peaks near
+  # one copy of the weights instead of three.
+  handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(os.path.abspath(path), args=ocp.args.StandardSave(dict(flat)))
+
+
+def _check_names(class_names, num_classes: int) -> list[str] | None:
+  if class_names is None:
+    return None
+  names = [str(n).strip() for n in class_names]
+  if len(names) != num_classes:
+    raise CheckpointError(f"{len(names)} class names for a {num_classes}-way head; give one "
+                          "name per class (line i is class i)")
+  if any(not n or "\n" in n for n in names):
+    raise CheckpointError("class names must be non-empty single lines")
+  return names
+
+
+def save_pretrained(directory: str, model, class_names: Sequence[str] | None = None, *,
+                    config: ModelConfig | None = None, overwrite: bool = False) -> str:
+  """Writes a model directory atomically; returns its path.
+
+  `model` is an `UniFormerV2` or a pure weight tree (then `config` is required).
+  Weights are stored unscanned in their current dtype.
+  """
+  if isinstance(model, nnx.Module):
+    config = model.config if config is None else config
+  if config is None:
+    raise ValueError("save_pretrained(tree): pass config= for a pure weight tree")
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not overwrite:
+    raise CheckpointError(f"{directory} already exists; choose a new output directory "
+                          "(or pass overwrite=True / --overwrite)")
+  names = _check_names(class_names, config.num_classes)
+  flat = flat_weights(_weights_tree(model))
+  _check_against_config({k: np.shape(v) for k, v in flat.items()}, config, directory)
+
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+    _write_weights(os.path.join(tmp, WEIGHTS_DIR), flat)
+    stored = config.replace(scan_layers=False)
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      f.write(stored.to_json() + "\n")
+    if names is not None:
+      with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
+        f.write("\n".join(names) + "\n")
+    if os.path.exists(directory):  # overwrite: swap, then delete the old one
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+      os.rename(directory, os.path.join(old, "x"))
+      os.rename(tmp, directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+# ---------------------------------------------------------------------------------------
+# Reading.
+
+def _require(directory: str) -> str:
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no such model directory")
+  missing = [n for n in (CONFIG_FILE, WEIGHTS_DIR) if not os.path.exists(os.path.join(directory, n))]
+  if missing:
+    raise CheckpointError(
+        f"{directory} is not a UniFormerV2 model directory (missing {', '.join(missing)}); "
+        "create one with `python -m convert clip|uniformerv2 ... --output DIR` or "
+        "save_pretrained()")
+  return directory
+
+
+def read_config(directory: str) -> ModelConfig:
+  directory = _require(directory)
+  path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      return ModelConfig.from_dict(json.load(f))
+  except (json.JSONDecodeError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: unreadable model config: {e}") from None
+
+
+def read_class_names(directory: str) -> list[str] | None:
+  path = os.path.join(_require(directory), CLASS_NAMES_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{flat key: (shape, dtype name)} from the Orbax metadata (reads no array data)."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(_require(directory), WEIGHTS_DIR)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.metadata(path).item_metadata.tree
+  except Exception as e:  # noqa: BLE001  (Orbax raises many types for a broken directory)
+    raise CheckpointError(f"{path}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+  return {k: (tuple(m.shape), np.dtype(m.dtype).name) for k, m in tree.items()}
+
+
+def _check_against_config(shapes: Mapping[str, tuple], cfg: ModelConfig, where: str) -> None:
+  expected = {_key(p): tuple(s.shape) for p, s in flatten(weight_shapes(cfg)).items()}
+  missing = sorted(set(expected) - set(shapes))
+  extra = sorted(set(shapes) - set(expected))
+  wrong = [f"{k}: stored {tuple(shapes[k])}, config expects {expected[k]}"
+           for k in sorted(set(expected) & set(shapes)) if tuple(shapes[k]) != expected[k]]
+  if missing or extra or wrong:
+    parts = []
+    if wrong:
+      parts.append(f"{len(wrong)} mis-shaped: " + "; ".join(wrong[:10]))
+    if missing:
+      parts.append(f"{len(missing)} missing: " + ", ".join(missing[:10]))
+    if extra:
+      parts.append(f"{len(extra)} unexpected: " + ", ".join(extra[:10]))
+    raise CheckpointError(f"{where}: weights do not fit the model config; " + ". ".join(parts)
+                          + ". Only fields that leave the weight shapes unchanged (dtype, "
+                            "t_size, dropout rates, remat, attention, scan_layers) can be "
+                            "overridden when loading.")
+
+
+def _abstract_target(cfg: ModelConfig, mesh, rules) -> tuple[nnx.Module, dict]:
+  """(abstract model, UNSCANNED pure dict of ShapeDtypeStruct with shardings)."""
+  model = abstract_model(cfg)
+  state = nnx.state(model, WEIGHTS)
+  if mesh is not None:
+    from uniformerv2_jax import sharding as shd
+    kw = {} if rules is None else {"rules": rules}
+    shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh, **kw))
+  else:
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: dev, nnx.to_pure_dict(state))
+  shapes = nnx.to_pure_dict(state)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+  if cfg.scan_layers:  # restore each layer with the per-layer part of the stacked sharding
+    def per_layer(s):
+      spec = s.sharding.spec if isinstance(s.sharding, jax.sharding.NamedSharding) else None
+      sh = (jax.sharding.NamedSharding(s.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+            if spec is not None else s.sharding)
+      return jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=sh)
+    target = dict(target)
+    bb = dict(target["backbone"])
+    layer = jax.tree.map(per_layer, bb["blocks"])
+    bb["blocks"] = {i: layer for i in range(cfg.layers)}
+    target["backbone"] = bb
+  return model, target
+
+
+def restore_weights(directory: str, target: Mapping | None = None) -> dict:
+  """The pure weight tree of a model directory, UNSCANNED.
+
+  `target`: an unscanned pure dict of `jax.ShapeDtypeStruct` (with `sharding` to restore
+  sharded, with a dtype to cast); None restores numpy arrays as stored.
+  """
+  import orbax.checkpoint as ocp
+  directory = _require(directory)
+  path = os.path.join(directory, WEIGHTS_DIR)
+  stored = stored_shapes(directory)
+  if target is None:
+    flat_target = {k: jax.ShapeDtypeStruct(s, np.dtype(d)) for k, (s, d) in stored.items()}
+    restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in stored}
+    with ocp.PyTreeCheckpointer() as ckptr:
+      flat = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=flat_target, restore_args=restore_args))
+    return unflat_weights(flat)
+  flat_target = flat_weights(target)
+  with ocp.StandardCheckpointer() as ckptr:
+    flat = ckptr.restore(path, flat_target)
+  return unflat_weights(flat)
+
+
+def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_layers=None,
+                    head_map=None, **config_overrides):
+  """A ready `UniFormerV2` from a model directory.
+
+  dtype: computation dtype (cfg.dtype); pass `param_dtype=` to change the storage dtype
+  of the parameters (they are cast while restoring). scan_layers: stack the backbone
+  blocks for lax.scan. mesh / rules: restore every array straight into its
+  NamedSharding (from the parameters' logical axes). head_map: "k400"|"k600"|"k700"|
+  path|index list, gathers the rows of a 710-way head (see `uniformerv2_jax.heads`).
+  Other keyword arguments override config fields that do not change weight shapes
+  (t_size, drop_path_rate, cls_dropout, remat, attention, ...).
+  """
+  directory = _require(directory)
+  stored_cfg = read_config(directory)
+  overrides = dict(config_overrides)
+  if dtype is not None:
+    overrides["dtype"] = jnp.dtype(dtype).name
+  if scan_layers is not None:
+    overrides["scan_layers"] = bool(scan_layers)
+  index_map = None
+  if head_map is not None:
+    from uniformerv2_jax import heads
+    index_map = heads.load_index_map(head_map)
+    if "num_classes" in overrides and overrides["num_classes"] != len(index_map):
+      raise CheckpointError(f"num_classes={overrides['num_classes']} contradicts head_map "
+                            f"with {len(index_map)} entries")
+    overrides.pop("num_classes", None)
+  try:
+    cfg = stored_cfg.replace(**overrides)
+  except ValueError as e:
+    raise CheckpointError(f"{directory}: {e}") from None
+  stored = stored_shapes(directory)
+  _check_against_config({k: s for k, (s, _) in stored.items()}, cfg, directory)
+
+  model, target = _abstract_target(cfg, mesh, rules)
+  tree = restore_weights(directory, target)
+  if index_map is not None:
+    from uniformerv2_jax import heads
+    tree = heads.remap_head(tree, index_map)
+    cfg = cfg.replace(num_classes=len(index_map))
+    model, new_target = _abstract_target(cfg, mesh, rules)
+    # only the head changed: put its new arrays where the new config wants them
+    tree["head"] = jax.tree.map(lambda a, t: jax.device_put(a, t.sharding),
+                                tree["head"], new_target["head"])
+  if cfg.scan_layers:
+    tree = _stack_on_device(tree, model, mesh, rules)
+  graphdef, weights, rest = nnx.split(model, WEIGHTS, ...)
+  nnx.replace_by_pure_dict(weights, tree)
+  return nnx.merge(graphdef, weights, rest)
+
+
+def _stack_on_device(tree: dict, model, mesh, rules) -> dict:
+  """Unscanned device arrays -> scanned layout, sharded as the scanned model wants."""
+  blocks = tree["backbone"]["blocks"]
+  layers = [blocks[i] for i in sorted(blocks)]
+  if mesh is not None:
+    from uniformerv2_jax import sharding as shd
+    kw = {} if rules is None else {"rules": rules}
+    out_sh = nnx.to_pure_dict(shd.state_shardings(nnx.state(model.backbone.blocks, WEIGHTS),
+                                                  mesh, **kw))
+    stack = jax.jit(lambda ls: jax.tree.map(lambda *a: jnp.stack(a), *ls), out_shardings=out_sh)
+  else:
+    stack = jax.jit(lambda ls: jax.tree.map(lambda *a: jnp.stack(a), *ls))
+  tree = dict(tree)
+  tree["backbone"] = dict(tree["backbone"], blocks=stack(layers))
+  return tree
+
+
+def load_weights_tree(directory: str) -> tuple[ModelConfig, dict, list[str] | None]:
+  """(config, numpy weight tree (unscanned), class names) for converters and tools."""
+  cfg = read_config(directory)
+  tree = restore_weights(directory)
+  _check_against_config(flat_weights_shapes(tree), cfg, directory)
+  return cfg, tree, read_class_names(directory)
+
+
+def flat_weights_shapes(tree: Mapping) -> dict[str, tuple]:
+  return {k: np.shape(v) for k, v in flat_weights(tree).items()}
+
+
+__all__ = ["save_pretrained", "load_pretrained", "read_config", "read_class_names",
+           "restore_weights", "stored_shapes", "load_weights_tree", "CheckpointError"]

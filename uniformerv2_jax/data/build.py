@@ -1,0 +1,79 @@
+"""Command line: build a video dataset from local files (offline, all cores).
+
+Named config (files laid out in --manual_dir as the config describes, see builder.py)::
+
+    python -m uniformerv2_jax.data.build --config kinetics400 \\
+        --manual_dir /data/kinetics400 --data_dir /data/tfds
+
+Your own annotation lists (mmaction2 ``path label`` or ``path,label`` CSV)::
+
+    python -m uniformerv2_jax.data.build --config mydata --data_dir /data/tfds \\
+        --train_list train.txt --val_list val.txt --video_root /data/videos --classes classes.txt
+
+TFDS's own ``tfds build video_classification --imports uniformerv2_jax.data.builder ...`` drives
+the same builder where that command can start (it imports apache-beam).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .builder import NAMED_CONFIGS, VideoConfig, build_dataset
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m uniformerv2_jax.data.build",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True,
+                   help=f"named config ({', '.join(c.name for c in NAMED_CONFIGS)}) or a new name "
+                        "for your own lists")
+    p.add_argument("--data_dir", required=True, help="TFDS root folder to write to")
+    p.add_argument("--manual_dir", help="folder holding the files of a named config")
+    p.add_argument("--train_list")
+    p.add_argument("--val_list")
+    p.add_argument("--video_root", default="", help="folder the list paths are relative to")
+    p.add_argument("--classes", help="class-name file (one name a line) or k400/k600/.../sthv2")
+    p.add_argument("--short_side", type=int, default=None, help="default: the config's (320)")
+    p.add_argument("--keep_size", action="store_true", help="store frames at the source size")
+    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--max_fps", type=float, default=None, help="default: the config's (30)")
+    p.add_argument("--on_unknown_label", choices=("error", "skip"), default=None)
+    p.add_argument("--num_workers", type=int, default=None, help="default: all cores")
+    p.add_argument("--num_shards", type=int, default=None, help="default: by size (TFDS)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def config_from_args(args) -> VideoConfig:
+    named = {c.name: c for c in NAMED_CONFIGS}
+    if args.config in named:
+        cfg = named[args.config]
+    else:
+        lists = {s: v for s, v in (("train", args.train_list), ("validation", args.val_list)) if v}
+        if not lists or not args.classes:
+            raise SystemExit(f"--config {args.config} is not a named config: give --train_list "
+                             "and/or --val_list, --classes (and usually --video_root)")
+        cfg = VideoConfig(name=args.config, annotations=lists, class_names=args.classes,
+                          video_roots={s: args.video_root for s in lists})
+    changes = {k: getattr(args, k) for k in ("short_side", "fps", "max_fps", "on_unknown_label")
+               if getattr(args, k) is not None}
+    if args.keep_size:
+        changes["short_side"] = None
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    builder = build_dataset(args.data_dir, config_from_args(args), manual_dir=args.manual_dir,
+                            num_workers=args.num_workers, num_shards=args.num_shards,
+                            overwrite=args.overwrite)
+    for split, info in builder.info.splits.items():
+        skipped = builder.info.metadata.get(f"skipped_{split}", 0)
+        print(f"{split}: {info.num_examples} videos in {info.num_shards} shards, {skipped} skipped")
+    print(f"dataset: {builder.data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

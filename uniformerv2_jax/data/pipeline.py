@@ -1,0 +1,224 @@
+"""tf.data input pipelines, one per host, over the ArrayRecord datasets of ``builder.py``.
+
+Train: an infinite stream of epochs. Epoch ``e`` is a permutation of the whole split drawn from
+``(seed, e)``; host ``p`` of ``P`` reads positions ``p, p+P, ...`` of it (``n // P`` videos, so
+every host has the same epoch length). Each video's randomness (frames, crop, flip) comes from
+``(seed, its position in the host's stream)``, so ``start_step`` reproduces exactly the batches
+an uninterrupted run would produce next, skipping only indices (nothing is read or decoded).
+The iterator state to save is just the number of batches consumed.
+
+Eval: the split is cut into ``P`` contiguous parts; each video gives ``num_clips * num_crops``
+views; every host is padded (``mask`` 0) to the same number of batches.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from . import tf_ops
+from .spatial import SPATIAL_PROTOCOLS
+
+__all__ = ["load_builder", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_batches"]
+
+_SEED_SALT = 0x5EED
+
+
+def load_builder(data_dir_or_builder):
+    """A TFDS builder from a builder, or a folder holding one built dataset (any depth)."""
+    if isinstance(data_dir_or_builder, tfds.core.DatasetBuilder):
+        return data_dir_or_builder
+    if hasattr(data_dir_or_builder, "builder"):  # synthetic.PreparedDataset
+        return data_dir_or_builder.builder
+    root = os.fspath(data_dir_or_builder)
+    found = sorted(dirpath for dirpath, _, files in os.walk(root) if "dataset_info.json" in files)
+    if len(found) != 1:
+        raise ValueError(f"{root}: expected exactly one built dataset (a folder with "
+                         f"dataset_info.json) below it, found {len(found)}: {found[:5]}; pass "
+                         "the versioned dataset folder or the builder itself")
+    return tfds.builder_from_directory(found[0])
+
+
+class _Reader:
+    """Random access to one split's serialized examples (ArrayRecord)."""
+
+    def __init__(self, builder, split: str):
+        fmt = builder.info.file_format
+        if fmt is None or fmt.value != "array_record":
+            raise ValueError(f"{builder.data_dir}: stored as {fmt}; the pipeline needs random "
+                             "access, rebuild with file_format='array_record' (the default)")
+        if split not in builder.info.splits:
+            raise ValueError(f"{builder.data_dir}: no split {split!r}; have "
+                             f"{list(builder.info.splits)}")
+        self.source = builder.as_data_source(
+            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        self.size = len(self.source)
+        self.features = builder.info.features
+
+    def read(self, index) -> tf.Tensor:
+        record = tf.numpy_function(lambda i: self.source[int(i)], [index], tf.string,
+                                   stateful=False)
+        ex = self.features.deserialize_example(
+            tf.ensure_shape(record, []), decoders={"video": tfds.decode.SkipDecoding()})
+        return ex["video"], tf.cast(ex["label"], tf.int32)
+
+
+def steps_per_epoch(num_videos: int, per_host_batch: int, num_samples: int = 1,
+                    process_count: int = 1) -> int:
+    """Train batches per epoch per host (epochs do not align with batches; this is n/P/B)."""
+    return (num_videos // process_count) * num_samples // per_host_batch
+
+
+def _train_indices(size, seed, process_index, process_count, start_video):
+    """(stream position, split index) from ``start_video`` on; infinite."""
+    per_epoch = size // process_count
+    if per_epoch == 0:
+        raise ValueError(f"the split has {size} videos, fewer than the {process_count} hosts")
+    first_epoch, offset = divmod(start_video, per_epoch)
+
+    def epoch(e):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(size, dtype=tf.int64), tf.stack([tf.cast(seed, tf.int64), e]))
+        mine = perm[process_index::process_count][:per_epoch]
+        pos = e * per_epoch + tf.range(per_epoch, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((pos, mine))
+
+    return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
+
+
+def _train_sample(jpegs, label, seed, clip_len, crop_size, flip):
+    n = tf.shape(jpegs)[0]
+    s_frames, s_crop, s_flip = (tf.random.experimental.stateless_fold_in(seed, k)
+                                for k in range(3))
+    indices = tf_ops.uniform_sample(n, clip_len, s_frames)
+    shape = tf.io.extract_jpeg_shape(jpegs[0])
+    box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1])
+    frames = tf_ops.decode_frames(jpegs, indices, clip_len, box)
+    frames = tf_ops.resize_uint8(frames, crop_size, crop_size)
+    if flip:
+        coin = tf.random.stateless_uniform([], s_flip) < 0.5
+        frames = tf.cond(coin, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
+    return tf.ensure_shape(frames, [clip_len, crop_size, crop_size, 3]), label
+
+
+def _options(deterministic: bool = True) -> tf.data.Options:
+    opts = tf.data.Options()
+    opts.deterministic = deterministic
+    opts.autotune.enabled = True
+    return opts
+
+
+def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, crop_size: int,
+                  per_host_batch: int, seed: int = 0, flip: bool | None = None,
+                  num_samples: int = 1, host_randaugment: bool = False, process_index: int = 0,
+                  process_count: int = 1, start_step: int = 0, randaugment_magnitude: int = 7,
+                  randaugment_layers: int = 4) -> tf.data.Dataset:
+    """Infinite train batches ``{"video": uint8 (B, T, S, S, 3), "label": int32 (B,)}``.
+
+    ``num_samples`` > 1: repeated augmentation, ``B // num_samples`` videos per batch, each
+    ``num_samples`` times (consecutive) with independent crops/frames/flips. ``flip=None`` uses
+    the dataset's setting (off for SSv2 and the synthetic set). ``host_randaugment`` applies
+    :func:`uniformerv2_jax.data.randaugment` on the host CPU (for inspection; train on the
+    accelerator instead). ``start_step`` = batches this host already consumed.
+    """
+    builder = load_builder(data_dir_or_builder)
+    if per_host_batch % num_samples:
+        raise ValueError(f"per_host_batch={per_host_batch} must be a multiple of "
+                         f"num_samples={num_samples}")
+    flip = _flip_setting(builder, flip)
+    reader = _Reader(builder, split)
+    videos_per_batch = per_host_batch // num_samples
+    ds = _train_indices(reader.size, seed, process_index, process_count,
+                        start_step * videos_per_batch)
+
+    def one_video(pos, index):
+        jpegs, label = reader.read(index)
+        video_seed = tf.stack([tf.constant(seed ^ _SEED_SALT, tf.int64), pos])
+        clips = [_train_sample(jpegs, label, tf.random.experimental.stateless_fold_in(
+            video_seed, k), clip_len, crop_size, flip) for k in range(num_samples)]
+        return {"video": tf.stack([c[0] for c in clips]), "label": tf.stack([c[1] for c in clips])}
+
+    ds = ds.map(one_video, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    ds = ds.batch(per_host_batch, drop_remainder=True)
+    if host_randaugment:
+        ds = _host_randaugment(ds, seed, start_step, randaugment_magnitude, randaugment_layers)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _flip_setting(builder, flip):
+    recommended = bool(builder.info.metadata.get("flip", True)) if builder.info.metadata else True
+    if flip is None:
+        return recommended
+    if flip and not recommended:
+        warnings.warn(f"{builder.info.full_name}: horizontal flip requested, but the dataset's "
+                      "labels depend on direction (its metadata says flip=False)")
+    return bool(flip)
+
+
+def _host_randaugment(ds, seed, start_step, magnitude, layers):
+    import jax  # only for this inspection path
+
+    from .augment import randaugment
+
+    cpu = jax.devices("cpu")[0]
+    fn = jax.jit(lambda key, v: randaugment(key, v, magnitude=magnitude, num_layers=layers))
+
+    def apply(step, video):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), int(step))
+        with jax.default_device(cpu):
+            return np.asarray(fn(key, video))
+
+    def batch_fn(step, batch):
+        video = tf.numpy_function(apply, [step, batch["video"]], tf.uint8, stateful=False)
+        return {"video": tf.ensure_shape(video, batch["video"].shape), "label": batch["label"]}
+
+    return ds.enumerate(start=start_step).map(batch_fn, num_parallel_calls=1)
+
+
+def eval_batches(num_videos: int, num_views: int, per_host_batch: int, process_count: int = 1):
+    """Number of eval batches every host yields."""
+    return math.ceil(math.ceil(num_videos / process_count) * num_views / per_host_batch)
+
+
+def eval_dataset(data_dir_or_builder, split: str = "validation", *, clip_len: int, crop_size: int,
+                 num_clips: int = 1, num_crops: int = 3, per_host_batch: int,
+                 process_index: int = 0, process_count: int = 1,
+                 spatial: str = "mmaction2") -> tf.data.Dataset:
+    """Finite eval batches: ``video`` uint8 (B, T, S, S, 3), ``label``, ``video_id`` (index in the
+    split), ``view`` (clip_index * num_crops + crop_index), ``mask`` (1 real, 0 padding); int32."""
+    if num_crops not in (1, 3) or spatial not in SPATIAL_PROTOCOLS:
+        raise ValueError(f"num_crops={num_crops}, spatial={spatial!r}: use 1 or 3 crops and one "
+                         f"of {SPATIAL_PROTOCOLS}")
+    builder = load_builder(data_dir_or_builder)
+    reader = _Reader(builder, split)
+    views = num_clips * num_crops
+    lo = process_index * reader.size // process_count
+    hi = (process_index + 1) * reader.size // process_count
+    total = eval_batches(reader.size, views, per_host_batch, process_count) * per_host_batch
+
+    def one_video(index):
+        jpegs, label = reader.read(index)
+        indices = tf_ops.uniform_sample(tf.shape(jpegs)[0], clip_len, None, num_clips, True)
+        frames = tf_ops.decode_frames(jpegs, indices, num_clips * clip_len)
+        out = tf_ops.eval_views(frames, crop_size, num_crops, spatial)  # (C, K*T, S, S, 3)
+        out = tf.reshape(out, [num_crops, num_clips, clip_len, crop_size, crop_size, 3])
+        out = tf.reshape(tf.transpose(out, [1, 0, 2, 3, 4, 5]),
+                         [views, clip_len, crop_size, crop_size, 3])
+        ones = tf.ones([views], tf.int32)
+        return {"video": out, "label": label * ones, "video_id": tf.cast(index, tf.int32) * ones,
+                "view": tf.range(views, dtype=tf.int32), "mask": ones}
+
+    real = tf.data.Dataset.range(lo, hi).map(one_video, num_parallel_calls=tf.data.AUTOTUNE,
+                                             deterministic=True).unbatch()
+    pad = tf.data.Dataset.from_tensors({
+        "video": tf.zeros([clip_len, crop_size, crop_size, 3], tf.uint8),
+        "label": tf.constant(0, tf.int32), "video_id": tf.constant(-1, tf.int32),
+        "view": tf.constant(-1, tf.int32), "mask": tf.constant(0, tf.int32)}).repeat(
+        total - (hi - lo) * views)
+    ds = real.concatenate(pad).batch(per_host_batch, drop_remainder=True)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(total // per_host_batch))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())

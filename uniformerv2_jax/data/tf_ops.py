@@ -1,0 +1,112 @@
+"""TensorFlow graph twins of ``sampling.py`` and ``spatial.py`` for tf.data, plus JPEG decoding.
+
+Every random draw is stateless (``seed``: int64 tensor of shape [2]), so results depend only on
+the seed, never on parallelism or on where a run resumed. Arithmetic follows the numpy
+references in float64 with the same half-to-even rounding; tests check they agree.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from .spatial import AREA_RANGE, MAX_TRIES, RATIO_RANGE
+
+__all__ = ["uniform_sample", "rrc_box_from_draws", "random_resized_crop_box", "decode_frames",
+           "resize_uint8", "eval_views"]
+
+
+def uniform_sample(num_frames, clip_len: int, seed=None, num_clips: int = 1,
+                   test_mode: bool = False) -> tf.Tensor:
+    """mmaction2 ``UniformSample`` indices (num_clips * clip_len,) int32; see sampling.py."""
+    n = tf.cast(num_frames, tf.float64)
+    seg = (n - 1.0) / clip_len
+    i = tf.range(clip_len, dtype=tf.float64)
+    starts = tf.round(seg * i)
+    if test_mode:
+        shifts = tf.floor(seg / (num_clips + 1) * tf.range(1, num_clips + 1, dtype=tf.float64))
+        inds = tf.reshape(starts[None, :] + shifts[:, None], [-1])
+    else:
+        span = tf.round(seg * (i + 1.0)) - starts + 1.0
+        u = tf.random.stateless_uniform([num_clips, clip_len], seed, dtype=tf.float64)
+        inds = tf.reshape(starts[None, :] + tf.floor(u * span[None, :]), [-1])
+    return tf.cast(tf.clip_by_value(inds, 0.0, tf.maximum(n - 1.0, 0.0)), tf.int32)
+
+
+def rrc_box_from_draws(height, width, u_area, u_ratio, u_x, u_y):
+    """RandomResizedCrop box ``(y, x, h, w)`` int32 from uniform draws (mmaction2's rule)."""
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    area = (AREA_RANGE[0] + (AREA_RANGE[1] - AREA_RANGE[0]) * u_area) * h * w
+    log_lo, log_hi = math.log(RATIO_RANGE[0]), math.log(RATIO_RANGE[1])
+    ratio = tf.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    cw, ch = tf.round(tf.sqrt(area * ratio)), tf.round(tf.sqrt(area / ratio))
+    ok = (cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h)
+    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+    cw, ch = cw[first], ch[first]
+    x, y = tf.floor(u_x * (w - cw + 1)), tf.floor(u_y * (h - ch + 1))
+    side = tf.minimum(h, w)
+    fallback = tf.stack([tf.floor((h - side) / 2), tf.floor((w - side) / 2), side, side])
+    box = tf.where(tf.reduce_any(ok), tf.stack([y, x, ch, cw]), fallback)
+    return tf.cast(box, tf.int32)
+
+
+def random_resized_crop_box(seed, height, width):
+    """Stateless RandomResizedCrop box ``(y, x, h, w)``: 10 tries, then a centred square."""
+    u = tf.random.stateless_uniform([2 * MAX_TRIES + 2], seed, dtype=tf.float64)
+    return rrc_box_from_draws(height, width, u[:MAX_TRIES], u[MAX_TRIES:2 * MAX_TRIES],
+                              u[-2], u[-1])
+
+
+def decode_frames(jpegs, indices, clip_frames: int, box=None) -> tf.Tensor:
+    """Decode the JPEGs at ``indices`` (static length ``clip_frames``) -> (T, h, w, 3) uint8.
+
+    With ``box`` (y, x, h, w) only that window is decoded (``decode_and_crop_jpeg``).
+    """
+    chosen = tf.gather(jpegs, indices)
+    frames = []
+    for t in range(clip_frames):
+        if box is None:
+            frames.append(tf.io.decode_jpeg(chosen[t], channels=3))
+        else:
+            frames.append(tf.io.decode_and_crop_jpeg(chosen[t], box, channels=3))
+    return tf.stack(frames)
+
+
+def resize_uint8(frames, height, width) -> tf.Tensor:
+    """Bilinear resize (half-pixel centres, no antialiasing) of uint8 frames, rounded to uint8."""
+    out = tf.image.resize(frames, tf.stack([height, width]), method="bilinear", antialias=False)
+    return tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+
+
+def _resized_shape(height, width, size: int, spatial: str):
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    short, long_ = tf.minimum(h, w), tf.maximum(h, w)
+    if spatial == "mmaction2":
+        new_long = tf.floor(long_ * size / short + 0.5)
+    else:
+        new_long = tf.floor(long_ * size / short)
+    new_long = tf.cast(tf.maximum(new_long, size), tf.int32)
+    landscape = height <= width
+    return tf.where(landscape, size, new_long), tf.where(landscape, new_long, size)
+
+
+def _offsets(free, num_crops: int, spatial: str):
+    if spatial == "mmaction2":
+        centre = free // 2
+        return [centre] if num_crops == 1 else [0 * free, 2 * centre, centre]
+    centre = (free + 1) // 2
+    return [centre] if num_crops == 1 else [0 * free, centre, free]
+
+
+def eval_views(frames, crop_size: int, num_crops: int, spatial: str = "mmaction2") -> tf.Tensor:
+    """Test-time views of (N, H, W, 3) frames -> (num_crops, N, S, S, 3); see spatial.py."""
+    shape = tf.shape(frames)
+    new_h, new_w = _resized_shape(shape[1], shape[2], crop_size, spatial)
+    frames = resize_uint8(frames, new_h, new_w)
+    landscape = new_h <= new_w
+    free = tf.maximum(new_h, new_w) - crop_size
+    views = []
+    for off in _offsets(free, num_crops, spatial):
+        y, x = tf.where(landscape, 0, off), tf.where(landscape, off, 0)
+        views.append(tf.image.crop_to_bounding_box(frames, y, x, crop_size, crop_size))
+    return tf.stack(views)

@@ -1,0 +1,137 @@
+"""``eval.py``: a model directory + a config -> multi-view metrics and result files.
+
+The config follows the shared schema (``configs/common.py``): ``config.dataset`` picks the TFDS
+dataset and split, ``config.input`` the clip length and crop size, ``config.eval`` the views
+(``num_clips``, ``num_crops``, ``spatial``), ``per_device_batch``, ``head_map`` (read a
+Kinetics-710 head as K400/K600/K700 without converting) and ``save_scores``; ``config.mesh`` the
+device mesh; ``config.model`` may override speed knobs (dtype, scan_layers, remat, attention).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from uniformerv2_jax.evaluation.runner import (Evaluator, evaluate, global_batch_size,
+                                               write_results)
+from uniformerv2_jax.sharding import make_mesh
+
+# config.model fields that may differ from the checkpoint's (they leave weight shapes alone).
+SPEED_FIELDS = ("dtype", "scan_layers", "remat", "attention")
+
+
+def _get(cfg, key, default=None):
+  try:
+    value = cfg.get(key, default)
+  except AttributeError:
+    value = getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def class_names_for(config, checkpoint: str, num_classes: int):
+  """Names for the evaluated head: head map's built-in list > checkpoint's > config.dataset's."""
+  from uniformerv2_jax import heads
+  from uniformerv2_jax.checkpoint import read_class_names
+  head_map = _get(config.eval, "head_map")
+  if head_map is not None:
+    name = heads.builtin_name(head_map)
+    names = heads.builtin_class_names(name) if name else None
+  else:
+    names = read_class_names(checkpoint)
+  if names is None and _get(config.dataset, "class_names"):
+    from uniformerv2_jax.data.annotations import load_class_names
+    names = list(load_class_names(config.dataset.class_names))
+  return names if names is not None and len(names) == num_classes else None
+
+
+def load_model(config, checkpoint: str, mesh):
+  from uniformerv2_jax.checkpoint import load_pretrained
+  overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
+  overrides["t_size"] = int(config.input.clip_len)
+  model = load_pretrained(checkpoint, mesh=mesh, head_map=_get(config.eval, "head_map"),
+                          **overrides)
+  want = _get(config.dataset, "num_classes")
+  if want and model.config.num_classes != want:
+    hint = (" Set --config.eval.head_map=k400|k600|k700 to read a Kinetics-710 head."
+            if model.config.num_classes == 710 else "")
+    raise EvalConfigError(f"{checkpoint}: the model has {model.config.num_classes} classes but "
+                     f"config.dataset.num_classes={want}.{hint}")
+  return model
+
+
+class EvalConfigError(ValueError):
+  """The config and the checkpoint/dataset do not fit together."""
+
+
+def video_names(builder, split: str, ids, num_threads: int = 16) -> dict[int, str]:
+  """{index in split: the video's name as its annotation gave it} (reads those records)."""
+  import concurrent.futures
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+
+  def name(i):  # parse the record's Example without decoding the frames
+    example = tf.train.Example.FromString(source[int(i)])
+    return int(i), example.features.feature["name"].bytes_list.value[0].decode()
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    return dict(pool.map(name, ids))
+
+
+def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
+                        builder=None, max_batches: int | None = None,
+                        log: Callable[[str], Any] | None = None) -> dict:
+  """Evaluate ``checkpoint`` on ``config.dataset.eval_split``; returns the summary dict.
+
+  ``builder``: the TFDS builder (default: from ``config.dataset`` as train.py finds it).
+  Writes ``WORKDIR/results.jsonl`` and ``WORKDIR/summary.json`` when ``workdir`` is given.
+  """
+  from uniformerv2_jax import data
+  ev = config.eval
+  mesh = make_mesh(dict(config.mesh))
+  model = load_model(config, checkpoint, mesh)
+  spatial = _get(ev, "spatial", "mmaction2")
+  num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
+  num_views = num_clips * num_crops
+  per_host = global_batch_size(mesh, int(ev.per_device_batch)) // jax.process_count()
+  if builder is None:
+    from uniformerv2_jax.training.data_io import source
+    builder = source(config)
+  builder = data.load_builder(builder)
+  split = config.dataset.eval_split
+  num_videos = builder.info.splits[split].num_examples
+  ds = data.eval_dataset(builder, split, clip_len=int(config.input.clip_len),
+                         crop_size=int(config.input.crop_size), num_clips=num_clips,
+                         num_crops=num_crops, per_host_batch=per_host,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         spatial=spatial)
+  batches = (_numpy(b) for i, b in enumerate(ds) if max_batches is None or i < max_batches)
+  aggregate = _get(ev, "aggregate") or ("sum" if spatial == "original" else "mean")
+  result = evaluate(Evaluator(model, mesh), batches, num_views=num_views, per_host_batch=per_host,
+                    aggregate=aggregate, total_views=num_videos * num_views, log=log)
+  if max_batches is None and len(result.video_ids) != num_videos:
+    raise RuntimeError(f"evaluated {len(result.video_ids)} videos but {split} has {num_videos}")
+  protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
+                  clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size))
+  extra = dict(checkpoint=os.path.abspath(checkpoint), dataset=config.dataset.name, split=split,
+               head_map=_get(ev, "head_map"), protocol=protocol, devices=jax.device_count(),
+               processes=jax.process_count())
+  names = class_names_for(config, checkpoint, model.config.num_classes)
+  if workdir is None:
+    return dict(result.metrics, num_videos=len(result.video_ids), num_views=num_views, **extra)
+  vnames = video_names(builder, split, result.video_ids) if jax.process_index() == 0 else None
+  summary = write_results(workdir, result, summary_extra=extra, class_names=names,
+                          video_names=vnames, save_scores=bool(_get(ev, "save_scores", False)))
+  _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+  if jax.process_index() == 0:
+    _log(f"eval: top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} mean class accuracy "
+         f"{summary['mean_class_accuracy']:.4f} -> {os.path.join(workdir, 'summary.json')}")
+  return summary
+
+
+def _numpy(batch) -> dict[str, np.ndarray]:
+  return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,88 @@
+"""Pod sizing without a pod: compile the real train step for a Cloud TPU topology on a CPU host.
+
+    python train.py --config=configs/k710_l14.py --aot_topology=v5p:4x4x4
+
+needs `libtpu` (pip install "libtpu==0.0.42.*" for jax 0.10.2, i.e. `pip install jax[tpu]`'s pin).
+Prints per-chip memory (`compiled.memory_analysis()`) and XLA's cost estimates.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.training import config_check
+from uniformerv2_jax.training.optim import make_optimizer
+from uniformerv2_jax.training.state import (abstract_state, model_def, state_shapes,
+                                            state_shardings)
+from uniformerv2_jax.training.step import jit_train_step, make_train_step
+
+
+def topology_devices(topology: str):
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(topology, "tpu").devices
+  except Exception as e:  # noqa: BLE001
+    raise config_check.ConfigError(
+        f"--aot_topology={topology}: cannot describe this TPU topology ({type(e).__name__}: {e}). "
+        "Install the TPU compiler: pip install 'libtpu==0.0.42.*' (the pin of jax[tpu] 0.10.2); "
+        "names look like v5p:4x4x4, v4:4x4x4, v5e:4x4.") from None
+
+
+def compile_for_topology(config, topology: str) -> dict:
+  devices = topology_devices(topology)
+  hosts = len({d.process_index for d in devices})
+  with config.unlocked():
+    config.dataset.name = "fake"  # no data is read: shapes only
+    config.init_from = None  # nor weights
+  cfg = config_check.check(config, n_devices=len(devices), n_processes=hosts)
+  mesh = shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES}, devices)
+  tc = config.train
+  steps_per_epoch = tc.steps_per_epoch or 1000
+  tx, schedule = make_optimizer(tc, int(tc.epochs * steps_per_epoch), steps_per_epoch)
+  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
+  shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
+  state = abstract_state(state_shapes(mdef, tx, cfg.frozen), shardings)
+  b, t, s = tc.global_batch_size, config.input.clip_len, config.input.crop_size
+  batch = {"video": jax.ShapeDtypeStruct((b, t, s, s, 3), jnp.uint8,
+                                         sharding=shd.batch_sharding(mesh, 5)),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shd.batch_sharding(mesh, 1))}
+  step = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
+                        {k: v.sharding for k, v in batch.items()}, mesh)
+  t0 = time.time()
+  compiled = step.lower(state, batch).compile()
+  seconds = time.time() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gib = 2 ** 30
+  out = {"topology": topology, "chips": len(devices), "hosts": hosts,
+         "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+         "global_batch": b, "compile_seconds": seconds}
+  if mem is not None:
+    out.update(argument_gib=mem.argument_size_in_bytes / gib,
+               output_gib=mem.output_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
+               alias_gib=mem.alias_size_in_bytes / gib,
+               code_gib=mem.generated_code_size_in_bytes / gib)
+    out["total_gib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+                        + mem.generated_code_size_in_bytes) / gib
+  if cost:
+    out["flops_per_chip"] = float(cost.get("flops", 0.0))
+    for key in ("optimal_seconds", "utilization", "bytes accessed"):
+      if key in cost:
+        out[key.replace(" ", "_")] = float(cost[key])
+  print(f"AOT {topology}: {out['chips']} x {out['device_kind']} ({hosts} hosts), mesh "
+        f"{out['mesh']}, global batch {b}, compiled in {seconds:.0f}s")
+  if mem is not None:
+    print(f"  per-chip memory: {out['total_gib']:.2f} GiB (arguments {out['argument_gib']:.2f}, "
+          f"outputs {out['output_gib']:.2f}, temporaries {out['temp_gib']:.2f}, aliased "
+          f"{out['alias_gib']:.2f}, code {out['code_gib']:.3f})")
+  if cost:
+    print(f"  XLA estimate per chip: {out['flops_per_chip'] / 1e12:.1f} TFLOP per step"
+          + (f", step time {out['optimal_seconds'] * 1e3:.0f} ms" if "optimal_seconds" in out
+             else " (no time estimate from this compiler)"))
+  return out

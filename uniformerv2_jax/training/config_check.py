@@ -1,0 +1,135 @@
+"""Fail fast: every problem of a training config in one message, before anything compiles."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+from uniformerv2_jax.config import FIELDS
+from uniformerv2_jax.sharding import MESH_AXES
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _unknown(config, base, prefix="") -> list[str]:
+  out = []
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if prefix == "" and key == "model":
+      bad = sorted(set(config.model.keys()) - set(FIELDS) - {"name"})
+      out += [f"config.model.{k} is not a model field (valid: name, {', '.join(FIELDS)})"
+              for k in bad]
+    elif key not in base:
+      out.append(f"config.{name} is not a known field (valid: {', '.join(sorted(base.keys()))})")
+    elif hasattr(config[key], "keys") and hasattr(base[key], "keys"):
+      out += _unknown(config[key], base[key], name + ".")
+  return out
+
+
+def _mesh_size(config, n_devices) -> tuple[int, list[str]]:
+  sizes = {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
+    if n_devices % known:
+      return 0, [f"config.mesh {sizes} does not divide {n_devices} devices"]
+    sizes[[a for a in MESH_AXES if sizes[a] == -1][0]] = n_devices // known
+  if math.prod(sizes.values()) != n_devices:
+    return 0, [f"config.mesh {sizes} needs {math.prod(sizes.values())} devices, "
+               f"this run has {n_devices}"]
+  return sizes["data"] * sizes["fsdp"], []
+
+
+def _init_problems(config, cfg) -> list[str]:
+  if not config.init_from:
+    return []
+  from uniformerv2_jax import checkpoint
+  from uniformerv2_jax.checkpoint import CheckpointError
+  from uniformerv2_jax.weights import flatten, weight_shapes
+  try:
+    stored = {k: tuple(s) for k, (s, _) in checkpoint.stored_shapes(config.init_from).items()}
+  except CheckpointError as e:
+    return [f"config.init_from: {e}"]
+  expected = {".".join(map(str, p)): tuple(s.shape) for p, s in flatten(weight_shapes(cfg)).items()}
+  if config.head_map:
+    from uniformerv2_jax import heads
+    try:
+      rows = len(heads.load_index_map(config.head_map))
+    except (ValueError, OSError) as e:
+      return [f"config.head_map={config.head_map!r}: {e}"]
+    if rows != cfg.num_classes:
+      return [f"config.head_map={config.head_map!r} has {rows} classes but config.model."
+              f"num_classes={cfg.num_classes}"]
+    expected = {k: v for k, v in expected.items() if not k.startswith("head.fc")}
+    stored = {k: v for k, v in stored.items() if not k.startswith("head.fc")}
+  wrong = sorted(k for k in expected if stored.get(k) != expected[k])
+  extra = sorted(set(stored) - set(expected))
+  if wrong or extra:
+    detail = "; ".join(f"{k}: checkpoint {stored.get(k, 'missing')}, config {expected[k]}"
+                       for k in wrong[:4])
+    if extra:
+      detail += f"; unexpected {extra[:4]}"
+    return [f"config.init_from={config.init_from} holds another model than config.model "
+            f"({len(wrong)} mismatched, {len(extra)} unexpected weights: {detail}). Point "
+            "init_from at a checkpoint of this architecture or change config.model"]
+  return []
+
+
+def check(config, n_devices: int | None = None, n_processes: int | None = None):
+  """Raises ConfigError listing every problem; returns the ModelConfig when all is well."""
+  from configs.common import get_base_config
+  from uniformerv2_jax.config import model_config
+  from uniformerv2_jax.training import data_io
+  n_devices = jax.device_count() if n_devices is None else n_devices
+  n_processes = jax.process_count() if n_processes is None else n_processes
+  problems = _unknown(config, get_base_config())
+  if problems:
+    raise ConfigError("Bad config: " + "\n  ".join(problems))
+  try:
+    cfg = model_config(**config.model.to_dict())
+  except ValueError as e:
+    raise ConfigError(f"Bad config.model: {e}") from None
+  tc, inp = config.train, config.input
+  if inp.crop_size != cfg.input_resolution:
+    problems.append(f"config.input.crop_size={inp.crop_size} but the model's input_resolution "
+                    f"is {cfg.input_resolution}")
+  if inp.clip_len != cfg.t_size:
+    problems.append(f"config.input.clip_len={inp.clip_len} but config.model.t_size={cfg.t_size}")
+  if config.dataset.num_classes != cfg.num_classes:
+    problems.append(f"config.dataset.num_classes={config.dataset.num_classes} but "
+                    f"config.model.num_classes={cfg.num_classes}")
+  batch_devices, mesh_problems = _mesh_size(config, n_devices)
+  problems += mesh_problems
+  accum = int(tc.grad_accum_steps)
+  if accum < 1:
+    problems.append(f"config.train.grad_accum_steps={accum} must be >= 1")
+  elif batch_devices:
+    for key, b in (("global_batch_size", tc.global_batch_size),
+                   ("eval_batch_size", tc.eval_batch_size or tc.global_batch_size)):
+      need = batch_devices * (accum if key == "global_batch_size" else 1)
+      if b % need or b % n_processes:
+        problems.append(
+            f"config.train.{key}={b} is not divisible by {need} (= {batch_devices} batch "
+            f"devices (mesh data x fsdp)" + (f" x {accum} grad_accum_steps" if need != batch_devices
+                                             else "") + f") and {n_processes} process(es)")
+  for key in ("epochs", "log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
+    if not tc[key] or tc[key] <= 0:
+      problems.append(f"config.train.{key}={tc[key]} must be positive")
+  name = config.dataset.name
+  if name not in (data_io.FAKE, "synthetic"):
+    where = data_io.dataset_dir(config)
+    if not config.dataset.data_dir or not os.path.isdir(where):
+      problems.append(
+          f"config.dataset: no built dataset {name!r} at {where}. Build it first, e.g. `tfds "
+          f"build video_classification --imports uniformerv2_jax.data.builder --config {name} "
+          "--manual_dir RAW --data_dir DIR`, then pass --config.dataset.data_dir=DIR")
+  elif name == "synthetic" and not config.dataset.data_dir:
+    problems.append("config.dataset.data_dir must name a folder for the synthetic dataset")
+  if not problems:
+    problems += _init_problems(config, cfg)
+  if problems:
+    raise ConfigError("Bad config: " + "\n  ".join(problems))
+  return cfg

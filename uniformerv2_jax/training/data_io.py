@@ -1,0 +1,104 @@
+"""Where batches come from: the TFDS video pipeline, or `fake` in-memory data.
+
+Every process reads its own shard (per-host batch = global / process_count) and the
+loop turns the per-host numpy batches into global arrays sharded over data x fsdp.
+`dataset.name = "fake"` yields deterministic random uint8 clips (benchmarks, sharding tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from uniformerv2_jax import sharding as shd
+
+FAKE = "fake"
+
+
+def dataset_dir(config) -> str:
+  d = config.dataset
+  return os.path.join(os.fspath(d.data_dir), d.builder, d.name)
+
+
+def source(config):
+  """A built TFDS builder for config.dataset (the synthetic one is built when missing)."""
+  d = config.dataset
+  from uniformerv2_jax import data
+  if d.name == "synthetic":
+    return data.prepare_synthetic_dataset(d.data_dir, d.num_train, d.num_val).builder
+  return data.load_builder(dataset_dir(config))
+
+
+def steps_per_epoch(config, builder, per_host: int) -> int:
+  """Train steps per epoch (every host reads n / process_count videos)."""
+  n = split_size(config, builder, config.dataset.train_split)
+  if config.dataset.name == FAKE:
+    return max(n // config.train.global_batch_size, 1)
+  from uniformerv2_jax import data
+  return max(data.steps_per_epoch(n, per_host, config.input.num_samples, jax.process_count()), 1)
+
+
+def split_size(config, builder, split: str) -> int:
+  if config.dataset.name == FAKE:
+    return config.dataset.num_train if split == config.dataset.train_split else config.dataset.num_val
+  return int(builder.info.splits[split].num_examples)
+
+
+def _fake_batch(config, seed: int, index: int, per_host: int, process_index: int, train: bool):
+  """Deterministic in (seed, batch index, process): the same rows whatever the device count."""
+  rng = np.random.default_rng([seed, index, process_index, int(train)])
+  s, t = config.input.crop_size, config.input.clip_len
+  return {"video": rng.integers(0, 256, (per_host, t, s, s, 3), dtype=np.uint8),
+          "label": rng.integers(0, config.dataset.num_classes, (per_host,), dtype=np.int32)}
+
+
+def train_batches(config, builder, per_host: int, start_step: int) -> Iterator[dict]:
+  """Infinite per-host numpy batches, starting after `start_step` consumed batches."""
+  pi, pc = jax.process_index(), jax.process_count()
+  if config.dataset.name == FAKE:
+    def gen():
+      i = start_step
+      while True:
+        yield _fake_batch(config, config.train.seed, i, per_host, pi, True)
+        i += 1
+    return gen()
+  from uniformerv2_jax import data
+  inp = config.input
+  ds = data.train_dataset(builder, config.dataset.train_split, clip_len=inp.clip_len,
+                          crop_size=inp.crop_size, per_host_batch=per_host,
+                          seed=config.train.seed, flip=inp.flip, num_samples=inp.num_samples,
+                          process_index=pi, process_count=pc, start_step=start_step)
+  return ({"video": b["video"], "label": b["label"]} for b in ds.as_numpy_iterator())
+
+
+def eval_batches(config, builder, per_host: int) -> Iterator[dict]:
+  """Finite single-view validation batches (same count on every host), with `mask`."""
+  pi, pc = jax.process_index(), jax.process_count()
+  limit = config.train.max_eval_batches
+  if config.dataset.name == FAKE:
+    n = -(-config.dataset.num_val // (per_host * pc))
+    for i in range(n if limit is None else min(n, limit)):
+      b = _fake_batch(config, config.train.seed, i, per_host, pi, False)
+      b["mask"] = np.ones((per_host,), np.bool_)
+      yield b
+    return
+  from uniformerv2_jax import data
+  inp = config.input
+  ds = data.eval_dataset(builder, config.dataset.eval_split, clip_len=inp.clip_len,
+                         crop_size=inp.crop_size, num_clips=1, num_crops=1,
+                         per_host_batch=per_host, process_index=pi, process_count=pc,
+                         spatial=config.eval.spatial)
+  for i, b in enumerate(ds.as_numpy_iterator()):
+    if limit is not None and i >= limit:
+      return
+    yield {"video": b["video"], "label": b["label"], "mask": b["mask"]}
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Per-host numpy batch -> global jax arrays sharded over data x fsdp."""
+  return {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, np.ndim(v)),
+                                                    np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,230 @@
+"""The training loop behind train.py: resume, train, log, evaluate, checkpoint, summarise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.config import model_config
+from uniformerv2_jax.training import config_check, data_io
+from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher
+from uniformerv2_jax.training.optim import make_optimizer
+from uniformerv2_jax.training.state import (create_train_state, model_def, state_shapes,
+                                            state_shardings)
+from uniformerv2_jax.training.step import (jit_eval_step, jit_train_step, make_eval_step,
+                                           make_train_step)
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets; H100 SXM: 989e12 dense, not the
+# 1979e12 "with sparsity"). Matched against jax's device_kind, lower-case.
+PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12), ("a100", 312e12), ("v5p", 459e12),
+              ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12))
+
+
+class TrainingDiverged(FloatingPointError):
+  pass
+
+
+def peak_flops(device) -> float | None:
+  kind = device.device_kind.lower()
+  return next((f for k, f in PEAK_FLOPS if k in kind), None)
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def make_mesh(config, devices=None):
+  return shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES}, devices)
+
+
+def build_model_config(config):
+  return model_config(**config.model.to_dict())
+
+
+def init_weights(config, cfg, mesh):
+  """Params + batch stats (one pure dict, already sharded) from config.init_from, or None."""
+  if not config.init_from:
+    return None
+  from uniformerv2_jax import checkpoint
+  keep = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "t_size",
+          "backbone_drop_path_rate", "drop_path_rate", "mlp_dropout", "cls_dropout")
+  overrides = {k: getattr(cfg, k) for k in keep}
+  model = checkpoint.load_pretrained(config.init_from, mesh=mesh, head_map=config.head_map,
+                                     **overrides)
+  return nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+
+
+def flops_per_step(lowered) -> float | None:
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+class Writer:
+  """TensorBoard scalars from process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.tb = None
+    if jax.process_index() == 0:
+      import tensorflow as tf
+      tf.config.set_visible_devices([], "GPU")  # TensorFlow must not take GPU memory
+      from tensorflow.core.framework import summary_pb2
+      self.tf = tf
+      self.metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
+      self.metadata.plugin_data.plugin_name = "scalars"
+      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self.tb is not None:
+      tf = self.tf
+      with self.tb.as_default():
+        for k, v in values.items():  # tf.summary.scalar without the tensorboard package
+          tf.summary.write(k, tf.constant(float(v), tf.float32), step=step,
+                           metadata=self.metadata)
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
+  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  for batch in data_io.eval_batches(config, builder, per_host):
+    out = jax.device_get(p_eval(state["params"], state["batch_stats"],
+                                data_io.to_global(batch, mesh)))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals["count"], 1.0)
+  return {"top1": totals["correct"] / n, "loss": totals["loss"] / n, "count": totals["count"]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json."""
+  t0 = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_check.check(config)  # before anything is compiled
+  cfg = build_model_config(config)
+  tc = config.train
+  mesh = make_mesh(config)
+  pc = jax.process_count()
+  builder = None if config.dataset.name == data_io.FAKE else data_io.source(config)
+  per_host = tc.global_batch_size // pc
+  steps_per_epoch = tc.steps_per_epoch or data_io.steps_per_epoch(config, builder, per_host)
+  total_steps = int(round(tc.epochs * steps_per_epoch))
+  eval_per_host = (tc.eval_batch_size or tc.global_batch_size) // pc
+  eval_every = max(int(round(tc.eval_every_epochs * steps_per_epoch)), 1)
+
+  tx, schedule = make_optimizer(tc, total_steps, steps_per_epoch)
+  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
+  shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  meta_base = {"model_config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch}
+  history, best = [], 0.0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(state_shapes(mdef, tx, cfg.frozen), shardings, latest)
+    history, best = meta.get("history", []), meta.get("best_top1", 0.0)
+    log(f"Resumed from {ckpt.directory} step {latest}")
+  else:
+    state, _ = create_train_state(mdef, tx, mesh, seed=tc.seed, frozen=cfg.frozen,
+                                  init_weights=init_weights(config, cfg, mesh))
+  start = int(jax.device_get(state["step"]))
+
+  batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}
+  p_train = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
+                           batch_shards, mesh)
+  p_eval = jit_eval_step(make_eval_step(mdef), shardings["params"], shardings["batch_stats"],
+                         dict(batch_shards, mask=shd.batch_sharding(mesh, 1)), mesh)
+  writer = Writer(workdir)
+  preempt = PreemptionWatcher()
+  log(f"{cfg.layers}-layer UniFormerV2 width {cfg.width}, {total_steps} steps "
+      f"({steps_per_epoch}/epoch), global batch {tc.global_batch_size}, mesh "
+      f"{dict(mesh.shape)}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
+      f"{pc} process(es)")
+
+  train_iter = data_io.train_batches(config, builder, per_host, start)
+  peak = peak_flops(jax.devices()[0])
+  flops, step_flops_known = None, False
+  last_good, metrics, preempted = latest, None, False
+  tick, tick_step = time.time(), start
+  step = start
+  while step < total_steps:
+    batch = data_io.to_global(next(train_iter), mesh)
+    if not step_flops_known:
+      flops = flops_per_step(p_train.lower(state, batch)) if peak else None
+      step_flops_known = True
+    state, metrics = p_train(state, batch)
+    step += 1
+    if step == start + 1:  # compilation is not a step time
+      jax.block_until_ready(metrics)
+      tick, tick_step = time.time(), step
+    is_eval = step % eval_every == 0 or step == total_steps
+    is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
+    preempted = preempt.reached(step)
+    if step % tc.log_every_steps == 0 or is_ckpt or preempted:
+      m = jax.device_get(metrics)
+      if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
+        ckpt.wait()
+        raise TrainingDiverged(
+            f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {step}; "
+            f"stopped. The last good checkpoint is step {last_good} in {ckpt.directory} "
+            "(nothing later was saved). Lower train.base_lr or check the data, then rerun "
+            "to resume from it.")
+      now = time.time()
+      dt = (now - tick) / max(step - tick_step, 1)
+      tick, tick_step = now, step
+      line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
+              f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g} "
+              f"| {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step")
+      if flops and peak:
+        line += f" MFU {flops / dt / (peak * jax.device_count()):.1%}"
+      line += f" ETA {_fmt(dt * (total_steps - step))}"
+      log(line)
+      writer.scalars(step, {"train/" + k: v for k, v in m.items()}
+                     | {"perf/clips_per_s": tc.global_batch_size / dt})
+    ev = None
+    if is_eval:
+      ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
+      best = max(best, ev["top1"])
+      history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"]})
+      log(f"eval step {step}: top1 {ev['top1']:.4f} loss {ev['loss']:.4f} "
+          f"({int(ev['count'])} clips, 1 view) best {best:.4f}")
+      writer.scalars(step, {"eval/top1": ev["top1"], "eval/loss": ev["loss"]})
+    if is_ckpt or preempted:
+      meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best)
+      ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
+      last_good = step
+    if preempted:
+      log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
+      break
+  ckpt.close()
+  writer.close()
+  summary = {"final_top1": history[-1]["top1"] if history else None, "best_top1": best,
+             "steps": step, "total_steps": total_steps, "wall_seconds": time.time() - t0,
+             "preempted": preempted, "history": history,
+             "final_train_loss": float(jax.device_get(metrics["loss"])) if metrics else None}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+def _fmt(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

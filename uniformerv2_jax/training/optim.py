@@ -1,0 +1,63 @@
+"""AdamW with the upstream's schedule: per-iteration linear warm-up, then cosine to min_lr.
+
+Weight decay applies to every parameter with more than one dimension (1-D: biases, norm
+scales, class embedding, balance are not decayed); gradients are clipped at a global L2 norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Top-level subtrees trained by the frozen-backbone recipe (everything else is constant).
+FROZEN_TRAINABLE = ("temporal", "head")
+
+
+def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int,
+                warmup_start_lr: float = 1e-6, min_lr: float = 1e-6):
+  """lr(step): warmup_start_lr -> base_lr linearly over warmup_steps, then cosine to min_lr.
+
+  At step `total_steps` the rate is exactly `min_lr` (the upstream's `lr_func_cosine` with
+  the warm-up of `get_lr_at_epoch`, evaluated per iteration).
+  """
+  total_steps, warmup_steps = int(total_steps), int(warmup_steps)
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = warmup_start_lr + (base_lr - warmup_start_lr) * step / max(warmup_steps, 1)
+    t = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    cos = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * t))
+    return jnp.where(step < warmup_steps, warm, cos)
+  return schedule
+
+
+def decay_mask(params):
+  """True for parameters that get weight decay (ndim > 1)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(train_cfg, total_steps: int, steps_per_epoch: int):
+  """optax transformation and schedule from `config.train`."""
+  schedule = lr_schedule(train_cfg.base_lr, total_steps,
+                         round(train_cfg.warmup_epochs * steps_per_epoch),
+                         train_cfg.warmup_start_lr, train_cfg.min_lr)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def trainable(params: dict, frozen: bool) -> dict:
+  """The part of the parameter tree the optimiser updates."""
+  if not frozen:
+    return params
+  return {k: v for k, v in params.items() if k in FROZEN_TRAINABLE}
+
+
+def merge_trainable(params: dict, updated: dict) -> dict:
+  return {**params, **updated}

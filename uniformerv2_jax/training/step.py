@@ -1,0 +1,142 @@
+"""Pure train/eval steps, jitted once with explicit shardings (the hot path).
+
+The batch arrives as uint8 videos; normalisation (and RandAugment when enabled) runs on
+device inside the step. A global batch may be split into `grad_accum_steps` microbatches
+(lax.scan); microbatch j takes rows j, j+A, j+2A, ... so every device keeps its own rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.training.optim import merge_trainable, trainable
+
+MEAN, STD = 114.75, 57.375  # shared/recipes.md "Normalisation"
+
+
+def _data_fns():
+  """(normalize, randaugment) of the data package (uint8 -> float32 on device)."""
+  from uniformerv2_jax import data
+  try:
+    return data.normalize, data.randaugment
+  except (AttributeError, ImportError):  # data.augment not available yet
+    def randaugment(*_, **__):
+      raise NotImplementedError("RandAugment needs uniformerv2_jax.data.augment")
+    return (lambda v: (v.astype(jnp.float32) - MEAN) / STD), randaugment
+
+
+def cross_entropy(logits, labels):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
+def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
+  """train_step(state, batch) -> (state, metrics); pure, not yet jitted."""
+  frozen = bool(mdef.cfg.frozen)
+  accum = int(config.train.grad_accum_steps)
+  inp = config.input
+  normalize, randaugment = _data_fns()
+  batch_axes = shd.BATCH_AXES
+
+  def loss_fn(tparams, params, stats, videos, labels, key):
+    model = mdef.merge(merge_trainable(params, tparams), stats)
+    logits = model(videos, train=True, key=key)
+    loss = cross_entropy(logits, labels).mean()
+    new_stats = _pure(model)[1]
+    correct = (jnp.argmax(logits, -1) == labels).sum()
+    return loss, (new_stats, correct)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    k_aug, k_model = jax.random.split(key)
+    videos, labels = batch["video"], batch["label"]
+    if inp.randaugment:
+      videos = randaugment(k_aug, videos, magnitude=inp.magnitude, num_layers=inp.num_layers)
+    videos = normalize(videos)
+    params = state["params"]
+    tparams = trainable(params, frozen)
+
+    def micro(carry, xs):
+      grads, stats, loss_sum, correct_sum = carry
+      mb_videos, mb_labels, j = xs
+      (loss, (stats, correct)), g = grad_fn(tparams, params, stats, mb_videos, mb_labels,
+                                            jax.random.fold_in(k_model, j))
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (grads, stats, loss_sum + loss, correct_sum + correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, tparams)
+    carry = (zeros, state["batch_stats"], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    if accum == 1:
+      carry, _ = micro(carry, (videos, labels, 0))
+    else:
+      split = lambda x: _microbatches(x, accum, mesh, batch_axes)
+      carry, _ = jax.lax.scan(micro, carry, (split(videos), split(labels), jnp.arange(accum)))
+    grads, stats, loss_sum, correct = carry
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], tparams)
+    new_params = merge_trainable(params, optax.apply_updates(tparams, updates))
+    metrics = {"loss": loss_sum / accum,
+               "top1": correct / labels.shape[0],
+               "lr": schedule(step),
+               "grad_norm": optax.tree.norm(grads)}
+    new_state = {"step": step + 1, "params": new_params, "batch_stats": stats,
+                 "opt_state": opt_state, "rng": state["rng"]}
+    return new_state, metrics
+
+  return train_step
+
+
+def _microbatches(x, accum, mesh, batch_axes):
+  """(B, ...) -> (A, B/A, ...) with microbatch j = rows j::A (no cross-device traffic)."""
+  b = x.shape[0]
+  y = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+  spec = P(None, batch_axes, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+
+def _pure(model):
+  from flax import nnx
+  _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def make_eval_step(mdef):
+  """eval_step(params, batch_stats, batch) -> {"correct", "loss", "count"} sums over valid rows."""
+  normalize, _ = _data_fns()
+
+  def eval_step(params, stats, batch):
+    model = mdef.merge(params, stats)
+    logits = model(normalize(batch["video"]), train=False)
+    mask = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(logits.shape[:1])
+    labels = batch["label"]
+    return {"correct": ((jnp.argmax(logits, -1) == labels) * mask).sum(),
+            "loss": (cross_entropy(logits, labels) * mask).sum(),
+            "count": mask.sum()}
+
+  return eval_step
+
+
+def batch_shardings(mesh: Mesh, batch_spec: dict) -> dict:
+  """{name: NamedSharding} for a batch given {name: ndim}."""
+  return {k: shd.batch_sharding(mesh, nd) for k, nd in batch_spec.items()}
+
+
+def jit_train_step(train_step, state_shardings, batch_shards, mesh):
+  rep = shd.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_shards),
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_step, param_shardings, stat_shardings, batch_shards, mesh):
+  rep = shd.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(param_shardings, stat_shardings, batch_shards),
+                 out_shardings=rep)
