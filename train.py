@@ -45,6 +45,9 @@ def main(argv):
   from uniformerv2_jax.training.config_check import ConfigError
   config = FLAGS.config
   if FLAGS.aot_topology:
+    # compile-only: keep the default backend on CPU and skip libtpu's single-user lockfile
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from uniformerv2_jax.training import aot
     try:
       aot.compile_for_topology(config, FLAGS.aot_topology)

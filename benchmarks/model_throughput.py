@@ -117,7 +117,7 @@ def main():
   p.add_argument("--remat", default="none")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--scan", action="store_true")
-  p.add_argument("--dpe", default="conv", help="depthwise conv of the global blocks: conv|shift")
+  p.add_argument("--dpe", default="shift", help="depthwise conv of the global blocks: conv|shift")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--tiny", action="store_true", help="a small model, for CPU smoke runs")
   args = p.parse_args()

@@ -12,7 +12,11 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Model: a preset name + any ModelConfig field (uniformerv2_jax/config.py).
-  c.model = ml_collections.ConfigDict(dict(name="b16", num_classes=400, dtype="bfloat16"))
+  # Speed knobs are listed so that --config.model.X=... can override them (any other
+  # ModelConfig field can be added in a recipe).
+  c.model = ml_collections.ConfigDict(dict(
+      name="b16", num_classes=400, dtype="bfloat16",  # upstream: fp16 autocast
+      param_dtype="float32", scan_layers=False, remat="none", attention="xla"))
 
   c.dataset = ml_collections.ConfigDict(dict(
       name="kinetics400",        # TFDS config of uniformerv2_jax.data.builder, "synthetic", or

@@ -11,15 +11,15 @@ from configs.common import get_base_config
 
 def get_config():
   c = get_base_config()
-  c.model = dict(name=None, input_resolution=32, patch_size=8, width=64, layers=4, heads=4,
-                 return_list=(2, 3), n_head=4, mlp_dropout=0.0, cls_dropout=0.0, num_classes=4,
+  c.model = dict(name=None, input_resolution=32, patch_size=4, width=48, layers=3, heads=4,
+                 return_list=(1, 2), n_head=4, mlp_dropout=0.0, cls_dropout=0.0, num_classes=4,
                  t_size=8, no_lmhra=False, double_lmhra=False, dtype="float32")
   c.dataset.name = "synthetic"
   c.dataset.data_dir = "/tmp/uniformerv2_demo_data"
   c.dataset.num_classes = 4
   c.dataset.num_train, c.dataset.num_val = 512, 128
   c.input.update(clip_len=8, crop_size=32, flip=False, randaugment=False)
-  c.train.update(global_batch_size=32, epochs=12, warmup_epochs=1, base_lr=1e-3,
+  c.train.update(global_batch_size=32, epochs=10, warmup_epochs=1, base_lr=2e-3,
                  warmup_start_lr=1e-5, min_lr=1e-5, weight_decay=0.05, log_every_steps=8,
                  checkpoint_every_steps=64, keep_checkpoints=2, eval_every_epochs=2)
   c.eval.update(num_clips=1, num_crops=1, per_device_batch=32)

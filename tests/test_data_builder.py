@@ -82,6 +82,32 @@ def test_every_stored_video_keeps_its_own_label_and_frames(mixed):
     assert abs(float(value.mean()) - 200) < 3
 
 
+def test_frame_store_layout_holds_the_same_frames(mixed, tmp_path):
+    import dataclasses
+
+    from uniformerv2_jax.data.reader import StoredVideos
+    builder, _, _ = mixed
+    cfg = dataclasses.replace(builder.builder_config, name="mixed_store", frame_store=True)
+    store = build_dataset(tmp_path, cfg, num_workers=1)
+    assert sorted(store.info.metadata["frame_files_train"]) == ["frames-train.array_record-00000"]
+    assert "video" not in store.info.features
+    inline, sidecar = StoredVideos(builder, "train"), StoredVideos(store, "train")
+    by_name = {}
+    for videos in (inline, sidecar):
+        for i in range(len(videos)):
+            name = videos.example(i)["name"].bytes_list.value[0].decode()
+            by_name.setdefault(name, []).append(videos.frames(i))
+    assert len(by_name) == 5
+    for name, ((jpegs_a, label_a), (jpegs_b, label_b)) in by_name.items():
+        assert label_a == label_b and jpegs_a == jpegs_b, name
+    many = next(i for i in range(len(sidecar)) if sidecar.num_frames(i) >= 3)
+    jpegs, _ = sidecar.frames(many, [2, 0, 0])
+    assert jpegs == [sidecar.frames(many)[0][k] for k in (2, 0, 0)]
+    one = next(i for i in range(len(sidecar)) if sidecar.num_frames(i) == 1)
+    with pytest.raises(IndexError, match="has 1 frames"):
+        sidecar.frames(one, [1])  # never reads the next video's frames
+
+
 def test_rebuild_is_reused_not_redone(mixed):
     builder, _, _ = mixed
     again = build_dataset(os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir))),

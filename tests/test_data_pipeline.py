@@ -32,7 +32,7 @@ def indexed(tmp_path_factory):
     (root / "list.txt").write_text("".join(lines))
     cfg = VideoConfig(name="indexed", annotations={"train": str(root / "list.txt")},
                       video_roots={"train": str(root)}, class_names=[f"c{i}" for i in range(12)],
-                      short_side=None)
+                      short_side=None, frame_store=True)  # the synthetic set below: no store
     return build_dataset(tmp_path_factory.mktemp("tfds"), cfg, num_workers=2)
 
 

@@ -66,28 +66,3 @@ def test_train_multiple_clips_and_determinism():
 def test_empty_video_is_an_error():
     with pytest.raises(ValueError, match="0 frames"):
         uniform_sample(0, 8)
-
-
-def test_tensorflow_twin_matches_numpy():
-    tf = pytest.importorskip("tensorflow")
-    from uniformerv2_jax.data import tf_ops
-
-    @tf.function
-    def draws_for(n, seeds):
-        return tf.map_fn(lambda s: tf_ops.uniform_sample(n, 8, tf.stack([s, tf.constant(1, tf.int64)])),
-                         seeds, fn_output_signature=tf.int32)
-
-    @tf.function
-    def test_mode(n, t, k):
-        return tf_ops.uniform_sample(n, t, None, k, test_mode=True)
-
-    seeds = tf.range(300, dtype=tf.int64)
-    for n in [1, 2, 5, 8, 9, 17, 64, 250, 300, 1001]:
-        for t, k in [(8, 1), (8, 4), (16, 3), (32, 2)]:
-            got = test_mode(tf.constant(n), t, k).numpy()
-            assert got.tolist() == uniform_sample(n, t, k, test_mode=True).tolist(), (n, t, k)
-        lo, hi = segment_bounds(n, 8)
-        draws = draws_for(tf.constant(n), seeds).numpy()
-        assert ((draws >= lo) & (draws <= hi)).all()
-        assert all(set(np.unique(draws[:, i])) == set(range(lo[i], hi[i] + 1))
-                   for i in range(8) if hi[i] - lo[i] < 20)

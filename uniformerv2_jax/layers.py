@@ -138,7 +138,7 @@ def _cudnn_attention(q, k, v, multiple: int = 64):
 
 # How depthwise 3-D convolutions run: "conv" (XLA/cuDNN grouped convolution) or "shift"
 # (a sum of shifted, scaled copies, which XLA fuses into one loop). Same numbers.
-DEPTHWISE_IMPL = "conv"
+DEPTHWISE_IMPL = "shift"  # measured faster on H100 (benchmarks/model_throughput.py --dpe)
 
 
 def depthwise_conv3d(x, kernel, impl=None):

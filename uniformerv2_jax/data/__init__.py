@@ -11,7 +11,7 @@ from .spatial import eval_views, resize_bilinear
 from .video_io import VideoDecodeError, decode_video
 
 _LAZY = {
-    "normalize": "augment", "randaugment": "augment", "randaugment_ops": "augment",
+    "normalize": "augment", "randaugment": "augment", "StoredVideos": "reader",
     "train_dataset": "pipeline", "eval_dataset": "pipeline", "steps_per_epoch": "pipeline",
     "eval_batches": "pipeline", "load_builder": "pipeline",
     "VideoConfig": "builder", "VideoClassification": "builder", "build_dataset": "builder",

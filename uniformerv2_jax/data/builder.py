@@ -1,9 +1,13 @@
 """TFDS builder for video classification: one generic builder, named configs per dataset.
 
 Frames are decoded with PyAV at build time, resized to a short side (default 320), dropped to
-the frame rate (default: the source rate capped at 30 fps) and stored as JPEG, one example per
-video, in ArrayRecord files (random access: exact per-epoch shuffles and cheap resumption).
-Unreadable videos are skipped and listed in ``skipped-<split>.tsv`` beside the dataset.
+the frame rate (default: the source rate capped at 30 fps) and stored as JPEG. One example per
+video (``name``, ``label``, ``fps``, ``num_frames``) in ArrayRecord files (random access: exact
+per-epoch shuffles and cheap resumption). The frames are either inside each example (``video``,
+a TFDS Video feature; the default) or, with ``frame_store=True`` (the named Kinetics/SSv2/MiT
+configs), in sidecar ArrayRecord files of one frame a record, so training reads only the frames
+it samples (~0.2 MB a clip instead of the whole ~6 MB video). Unreadable videos are skipped and
+listed in ``skipped-<split>.tsv`` beside the dataset.
 
 From Python::
 
@@ -12,23 +16,26 @@ From Python::
                       video_roots={"train": "/d/videos"}, class_names="/d/classes.txt")
     builder = build_dataset("/data/tfds", cfg)
 
-From the shell (named config, files laid out in ``--manual_dir`` as documented per config)::
-
-    tfds build video_classification --imports uniformerv2_jax.data.builder \\
-        --config kinetics400 --manual_dir /data/kinetics400 --data_dir /data/tfds
+From the shell: ``python -m uniformerv2_jax.data.build --config kinetics400 --manual_dir
+/data/kinetics400 --data_dir /data/tfds`` (see build.py); TFDS's ``tfds build
+video_classification --imports uniformerv2_jax.data.builder ...`` drives the same builder where
+that command starts (it needs apache-beam installed).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-from concurrent import futures
 import os
 import sys
+from concurrent import futures
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 from etils import epath
+from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import utils as tfds_utils
 
 from . import annotations as ann
@@ -55,6 +62,7 @@ class VideoConfig(tfds.core.BuilderConfig):
     max_fps: float | None = 30.0
     jpeg_qscale: int = 3          # FFmpeg JPEG quantiser, 2 (best) .. 31
     flip: bool = True             # horizontal flip keeps labels valid (False for SSv2)
+    frame_store: bool = False     # frames in a sidecar ArrayRecord store, one record a frame
     on_unknown_label: str = "error"   # or "skip" (listed in the skip report)
 
 
@@ -64,22 +72,23 @@ def _kinetics(n: int) -> VideoConfig:
         annotations={"train": f"kinetics{n}_train_list_videos.txt",
                      "validation": f"kinetics{n}_val_list_videos.txt"},
         video_roots={"train": "videos_train", "validation": "videos_val"},
-        class_names=f"k{n}")
+        class_names=f"k{n}", frame_store=True)
 
 
 NAMED_CONFIGS = [
     _kinetics(400), _kinetics(600), _kinetics(700),
-    VideoConfig(name="kinetics710", layout="kinetics710", class_names="k710",
+    VideoConfig(name="kinetics710", layout="kinetics710", class_names="k710", frame_store=True,
                 description="K400+K600+K700 train sets, de-duplicated by YouTube id, held-out ids "
                             "removed, labels mapped to 710 classes; manual_dir holds kinetics400/, "
                             "kinetics600/, kinetics700/ in the kinetics<N> layout"),
-    VideoConfig(name="ssv2", layout="ssv2", class_names="sthv2", flip=False,
+    VideoConfig(name="ssv2", layout="ssv2", class_names="sthv2", flip=False, frame_store=True,
                 description="Something-Something V2: JSON annotations, webm videos",
                 annotations={"train": "something-something-v2-train.json",
                              "validation": "something-something-v2-validation.json"},
                 video_roots={"train": "20bn-something-something-v2",
                              "validation": "20bn-something-something-v2"}),
-    VideoConfig(name="mit", class_names="mit", description="Moments in Time v1, mmaction2 lists",
+    VideoConfig(name="mit", class_names="mit", frame_store=True,
+                description="Moments in Time v1, mmaction2 lists",
                 annotations={"train": "mit_train_list_videos.txt",
                              "validation": "mit_val_list_videos.txt"},
                 video_roots={"train": "videos/training", "validation": "videos/validation"}),
@@ -162,16 +171,26 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
         self._num_workers = os.cpu_count() if num_workers is None else num_workers
         super().__init__(file_format=file_format or "array_record", **kwargs)
 
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        with _uncompressed_array_record():
+            return super()._download_and_prepare(dl_manager, download_config)
+
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
+        features = {
+            "label": tfds.features.ClassLabel(names=ann.load_class_names(cfg.class_names)),
+            "name": tfds.features.Text(),
+            "fps": tfds.features.Scalar(dtype=np.float32),
+            "num_frames": tfds.features.Scalar(dtype=np.int32),
+        }
+        if cfg.frame_store:
+            features["first_frame"] = tfds.features.Scalar(dtype=np.int64)
+        else:
+            features["video"] = tfds.features.Video(shape=(None, None, None, 3),
+                                                    encoding_format="jpeg")
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "video": tfds.features.Video(shape=(None, None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=ann.load_class_names(cfg.class_names)),
-                "name": tfds.features.Text(),
-                "fps": tfds.features.Scalar(dtype=np.float32),
-            }),
-            supervised_keys=("video", "label"),
+            features=tfds.features.FeaturesDict(features),
+            supervised_keys=None if cfg.frame_store else ("video", "label"),
             metadata=tfds.core.MetadataDict(flip=cfg.flip, short_side=cfg.short_side),
         )
 
@@ -190,13 +209,21 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
                     qscale=cfg.jpeg_qscale, threads=1 if self._num_workers > 1 else 0)
         tasks = [(f"{i:09d}", e.path, e.name, e.label, opts) for i, e in enumerate(entries)]
         skipped, written = list(skipped), 0
+        store = _FrameStore(self.data_dir, split) if cfg.frame_store else None
         for key, name, label, result in _map(jpeg_frames_task, tasks, self._num_workers):
             if isinstance(result, str):
                 skipped.append((name, result))
                 continue
             jpegs, fps = result
             written += 1
-            yield key, {"video": jpegs, "label": label, "name": name, "fps": fps}
+            example = {"label": label, "name": name, "fps": fps, "num_frames": len(jpegs)}
+            if store is None:
+                example["video"] = jpegs
+            else:
+                example["first_frame"] = store.add(jpegs)
+            yield key, example
+        if store is not None:
+            self.info.metadata[f"frame_files_{split}"] = store.close()
         self._write_report(split, written, skipped)
 
     def _write_report(self, split, written, skipped):
@@ -207,6 +234,62 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
         self.info.metadata[f"skipped_{split}"] = len(skipped)
         print(f"{self.name}/{self.builder_config.name} {split}: wrote {written} videos, skipped "
               f"{len(skipped)} (listed in skipped-{split}.tsv beside the dataset)", file=sys.stderr)
+
+
+class _FrameStore:
+    """Sidecar ArrayRecord files ``frames-<split>.array_record-NNNNN``: one JPEG a record, in
+    write order; a video's example keeps ``first_frame``, its index in this store. Training then
+    reads only the frames it samples instead of the whole video."""
+
+    FRAMES_PER_FILE = 100_000  # ~2.5 GB at short side 320
+
+    def __init__(self, data_dir, split: str):
+        self.data_dir, self.split = os.fspath(data_dir), split
+        self.files, self.count, self.writer = [], 0, None
+
+    def add(self, jpegs) -> int:
+        first = self.count
+        for jpeg in jpegs:
+            if self.count % self.FRAMES_PER_FILE == 0:
+                self._next_file()
+            self.writer.write(jpeg)
+            self.count += 1
+        return first
+
+    def _next_file(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.files.append(f"frames-{self.split}.array_record-{len(self.files):05d}")
+        self.writer = array_record_module.ArrayRecordWriter(
+            os.path.join(self.data_dir, self.files[-1]), "group_size:1,uncompressed")
+
+    def close(self) -> list[str]:
+        if self.writer is not None:
+            self.writer.close()
+        return self.files
+
+
+@contextlib.contextmanager
+def _uncompressed_array_record():
+    """Write ArrayRecord files uncompressed while this builder prepares.
+
+    TFDS always writes them with ArrayRecord's default (brotli) compression, which cannot shrink
+    JPEG data but made every read of a video cost ~10 ms of decompression (5x the decode).
+    """
+    adapter = file_adapters.ArrayRecordFileAdapter
+    original = adapter.__dict__["write_examples"]
+
+    def write_examples(cls, path, iterator):
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1,uncompressed")
+        for _, serialized in iterator:
+            writer.write(serialized)
+        writer.close()
+
+    adapter.write_examples = classmethod(write_examples)
+    try:
+        yield
+    finally:
+        adapter.write_examples = original
 
 
 def _map(fn, tasks, num_workers):

@@ -7,6 +7,10 @@ every host has the same epoch length). Each video's randomness (frames, crop, fl
 an uninterrupted run would produce next, skipping only indices (nothing is read or decoded).
 The iterator state to save is just the number of batches consumed.
 
+Per video, a Python step (``reader.py``) draws the frame indices with ``uniform_sample`` and reads
+only those JPEGs from the frame store (or picks them out of the video's record when frames are
+stored inline); TensorFlow then decodes just the crop window of each and resizes.
+
 Eval: the split is cut into ``P`` contiguous parts; each video gives ``num_clips * num_crops``
 views; every host is padded (``mask`` 0) to the same number of batches.
 """
@@ -21,6 +25,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from . import tf_ops
+from .reader import StoredVideos
 from .spatial import SPATIAL_PROTOCOLS
 
 __all__ = ["load_builder", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_batches"]
@@ -41,30 +46,6 @@ def load_builder(data_dir_or_builder):
                          f"dataset_info.json) below it, found {len(found)}: {found[:5]}; pass "
                          "the versioned dataset folder or the builder itself")
     return tfds.builder_from_directory(found[0])
-
-
-class _Reader:
-    """Random access to one split's serialized examples (ArrayRecord)."""
-
-    def __init__(self, builder, split: str):
-        fmt = builder.info.file_format
-        if fmt is None or fmt.value != "array_record":
-            raise ValueError(f"{builder.data_dir}: stored as {fmt}; the pipeline needs random "
-                             "access, rebuild with file_format='array_record' (the default)")
-        if split not in builder.info.splits:
-            raise ValueError(f"{builder.data_dir}: no split {split!r}; have "
-                             f"{list(builder.info.splits)}")
-        self.source = builder.as_data_source(
-            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-        self.size = len(self.source)
-        self.features = builder.info.features
-
-    def read(self, index) -> tf.Tensor:
-        record = tf.numpy_function(lambda i: self.source[int(i)], [index], tf.string,
-                                   stateful=False)
-        ex = self.features.deserialize_example(
-            tf.ensure_shape(record, []), decoders={"video": tfds.decode.SkipDecoding()})
-        return ex["video"], tf.cast(ex["label"], tf.int32)
 
 
 def steps_per_epoch(num_videos: int, per_host_batch: int, num_samples: int = 1,
@@ -90,19 +71,17 @@ def _train_indices(size, seed, process_index, process_count, start_video):
     return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
 
 
-def _train_sample(jpegs, label, seed, clip_len, crop_size, flip):
-    n = tf.shape(jpegs)[0]
-    s_frames, s_crop, s_flip = (tf.random.experimental.stateless_fold_in(seed, k)
-                                for k in range(3))
-    indices = tf_ops.uniform_sample(n, clip_len, s_frames)
+def _train_sample(jpegs, seed, clip_len, crop_size, flip):
+    """One clip from its sampled JPEGs: RandomResizedCrop (shared by the frames), resize, flip."""
+    s_crop, s_flip = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(2))
     shape = tf.io.extract_jpeg_shape(jpegs[0])
     box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1])
-    frames = tf_ops.decode_frames(jpegs, indices, clip_len, box)
+    frames = tf_ops.decode_frames(jpegs, clip_len, box)
     frames = tf_ops.resize_uint8(frames, crop_size, crop_size)
     if flip:
         coin = tf.random.stateless_uniform([], s_flip) < 0.5
         frames = tf.cond(coin, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
-    return tf.ensure_shape(frames, [clip_len, crop_size, crop_size, 3]), label
+    return tf.ensure_shape(frames, [clip_len, crop_size, crop_size, 3])
 
 
 def _options(deterministic: bool = True) -> tf.data.Options:
@@ -130,17 +109,24 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
         raise ValueError(f"per_host_batch={per_host_batch} must be a multiple of "
                          f"num_samples={num_samples}")
     flip = _flip_setting(builder, flip)
-    reader = _Reader(builder, split)
+    videos = StoredVideos(builder, split)
     videos_per_batch = per_host_batch // num_samples
-    ds = _train_indices(reader.size, seed, process_index, process_count,
+    ds = _train_indices(len(videos), seed, process_index, process_count,
                         start_step * videos_per_batch)
+    salt = seed ^ _SEED_SALT
 
     def one_video(pos, index):
-        jpegs, label = reader.read(index)
-        video_seed = tf.stack([tf.constant(seed ^ _SEED_SALT, tf.int64), pos])
-        clips = [_train_sample(jpegs, label, tf.random.experimental.stateless_fold_in(
-            video_seed, k), clip_len, crop_size, flip) for k in range(num_samples)]
-        return {"video": tf.stack([c[0] for c in clips]), "label": tf.stack([c[1] for c in clips])}
+        # frame indices: numpy UniformSample seeded by (seed, stream position, sample)
+        jpegs, label = tf.numpy_function(
+            lambda i, p: videos.train_clips(i, (salt, p), clip_len, num_samples),
+            [index, pos], [tf.string, tf.int32], stateful=False)
+        jpegs = tf.ensure_shape(jpegs, [num_samples * clip_len])
+        video_seed = tf.stack([tf.constant(salt, tf.int64), pos])
+        clips = [_train_sample(jpegs[k * clip_len:(k + 1) * clip_len],
+                               tf.random.experimental.stateless_fold_in(video_seed, k),
+                               clip_len, crop_size, flip) for k in range(num_samples)]
+        return {"video": tf.stack(clips),
+                "label": tf.fill([num_samples], tf.ensure_shape(label, []))}
 
     ds = ds.map(one_video, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     ds = ds.batch(per_host_batch, drop_remainder=True)
@@ -194,16 +180,16 @@ def eval_dataset(data_dir_or_builder, split: str = "validation", *, clip_len: in
         raise ValueError(f"num_crops={num_crops}, spatial={spatial!r}: use 1 or 3 crops and one "
                          f"of {SPATIAL_PROTOCOLS}")
     builder = load_builder(data_dir_or_builder)
-    reader = _Reader(builder, split)
-    views = num_clips * num_crops
-    lo = process_index * reader.size // process_count
-    hi = (process_index + 1) * reader.size // process_count
-    total = eval_batches(reader.size, views, per_host_batch, process_count) * per_host_batch
+    videos = StoredVideos(builder, split)
+    views, size = num_clips * num_crops, len(videos)
+    lo, hi = process_index * size // process_count, (process_index + 1) * size // process_count
+    total = eval_batches(size, views, per_host_batch, process_count) * per_host_batch
 
     def one_video(index):
-        jpegs, label = reader.read(index)
-        indices = tf_ops.uniform_sample(tf.shape(jpegs)[0], clip_len, None, num_clips, True)
-        frames = tf_ops.decode_frames(jpegs, indices, num_clips * clip_len)
+        jpegs, label = tf.numpy_function(lambda i: videos.test_clips(i, clip_len, num_clips),
+                                         [index], [tf.string, tf.int32], stateful=False)
+        jpegs, label = tf.ensure_shape(jpegs, [num_clips * clip_len]), tf.ensure_shape(label, [])
+        frames = tf_ops.decode_frames(jpegs, num_clips * clip_len)
         out = tf_ops.eval_views(frames, crop_size, num_crops, spatial)  # (C, K*T, S, S, 3)
         out = tf.reshape(out, [num_crops, num_clips, clip_len, crop_size, crop_size, 3])
         out = tf.reshape(tf.transpose(out, [1, 0, 2, 3, 4, 5]),

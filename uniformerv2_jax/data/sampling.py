@@ -8,7 +8,7 @@ n = number of frames, T = clip length, seg = (n - 1) / T.
 
 Videos shorter than the clip (n < T) get repeated indices from the same formulas,
 as mmaction2 does; indices are clamped to ``[0, n-1]`` as the original repository does.
-The TensorFlow twin used inside tf.data lives in ``tf_ops.py`` and is tested against this.
+The tf.data pipelines call this function itself (``reader.py``), so they sample exactly so.
 """
 from __future__ import annotations
 

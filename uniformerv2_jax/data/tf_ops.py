@@ -1,4 +1,4 @@
-"""TensorFlow graph twins of ``sampling.py`` and ``spatial.py`` for tf.data, plus JPEG decoding.
+"""TensorFlow graph twins of ``spatial.py`` for tf.data, plus JPEG decoding.
 
 Every random draw is stateless (``seed``: int64 tensor of shape [2]), so results depend only on
 the seed, never on parallelism or on where a run resumed. Arithmetic follows the numpy
@@ -12,25 +12,8 @@ import tensorflow as tf
 
 from .spatial import AREA_RANGE, MAX_TRIES, RATIO_RANGE
 
-__all__ = ["uniform_sample", "rrc_box_from_draws", "random_resized_crop_box", "decode_frames",
+__all__ = ["rrc_box_from_draws", "random_resized_crop_box", "decode_frames",
            "resize_uint8", "eval_views"]
-
-
-def uniform_sample(num_frames, clip_len: int, seed=None, num_clips: int = 1,
-                   test_mode: bool = False) -> tf.Tensor:
-    """mmaction2 ``UniformSample`` indices (num_clips * clip_len,) int32; see sampling.py."""
-    n = tf.cast(num_frames, tf.float64)
-    seg = (n - 1.0) / clip_len
-    i = tf.range(clip_len, dtype=tf.float64)
-    starts = tf.round(seg * i)
-    if test_mode:
-        shifts = tf.floor(seg / (num_clips + 1) * tf.range(1, num_clips + 1, dtype=tf.float64))
-        inds = tf.reshape(starts[None, :] + shifts[:, None], [-1])
-    else:
-        span = tf.round(seg * (i + 1.0)) - starts + 1.0
-        u = tf.random.stateless_uniform([num_clips, clip_len], seed, dtype=tf.float64)
-        inds = tf.reshape(starts[None, :] + tf.floor(u * span[None, :]), [-1])
-    return tf.cast(tf.clip_by_value(inds, 0.0, tf.maximum(n - 1.0, 0.0)), tf.int32)
 
 
 def rrc_box_from_draws(height, width, u_area, u_ratio, u_x, u_y):
@@ -57,18 +40,15 @@ def random_resized_crop_box(seed, height, width):
                               u[-2], u[-1])
 
 
-def decode_frames(jpegs, indices, clip_frames: int, box=None) -> tf.Tensor:
-    """Decode the JPEGs at ``indices`` (static length ``clip_frames``) -> (T, h, w, 3) uint8.
+def decode_frames(jpegs, count: int, box=None) -> tf.Tensor:
+    """Decode ``count`` (static) JPEGs -> (count, h, w, 3) uint8.
 
     With ``box`` (y, x, h, w) only that window is decoded (``decode_and_crop_jpeg``).
     """
-    chosen = tf.gather(jpegs, indices)
-    frames = []
-    for t in range(clip_frames):
-        if box is None:
-            frames.append(tf.io.decode_jpeg(chosen[t], channels=3))
-        else:
-            frames.append(tf.io.decode_and_crop_jpeg(chosen[t], box, channels=3))
+    if box is None:
+        frames = [tf.io.decode_jpeg(jpegs[t], channels=3) for t in range(count)]
+    else:
+        frames = [tf.io.decode_and_crop_jpeg(jpegs[t], box, channels=3) for t in range(count)]
     return tf.stack(frames)
 
 
