@@ -29,10 +29,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       class_names=None,          # path / packaged name, or None
       num_train=256,             # synthetic dataset only
       num_val=64,                # synthetic dataset only
+      synthetic_size=64,         # synthetic only: frame side (pixels)
+      synthetic_frames=24,       # synthetic only: frames per video
+      synthetic_radius=(0.09, 0.16),  # synthetic only: shape radius range (fraction of side)
+      synthetic_speed=(1.2, 2.2),     # synthetic only: pixels per frame range
   ))
   c.input = ml_collections.ConfigDict(dict(
       clip_len=8, crop_size=224, flip=True, randaugment=True, magnitude=7, num_layers=4,
-      num_samples=1))
+      num_samples=1,
+      crop_area=(0.08, 1.0),     # train RandomResizedCrop: area fraction range (mmaction2)
+      crop_ratio=(3 / 4, 4 / 3)))  # and aspect ratio (w/h) range
   c.train = ml_collections.ConfigDict(dict(
       global_batch_size=256,
       epochs=55.0,

@@ -1,7 +1,16 @@
 """Shared fixtures: golden references of the original PyTorch UniFormerV2."""
 
 import json
+import os
 import pathlib
+import tempfile
+
+# One persistent XLA compilation cache for the whole run, shared by pytest-xdist workers and
+# by the subprocesses tests launch (they inherit the environment): identical computations
+# (the same tiny models in many tests, relaunched training processes) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "uniformerv2_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
 import numpy as np

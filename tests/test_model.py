@@ -205,7 +205,7 @@ def test_head_of_another_label_space():
 
 def test_truncated_state_dict_lists_missing_keys():
   _, cfg = golden_case("tiny_k400")
-  sd = dict(load("tiny_k400_mmaction.pth")["state_dict"])
+  sd = dict(load("tiny_k400", "{}_mmaction.pth")["state_dict"])
   del sd["cls_head.fc_cls.weight"], sd["backbone.transformer.dec.1.ln_3.bias"]
   with pytest.raises(CheckpointMismatchError,
                      match="2 missing: transformer.dec.1.ln_3.bias, transformer.proj.2.weight"):

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 
 from . import tf_ops
 from .reader import StoredVideos
-from .spatial import SPATIAL_PROTOCOLS
+from .spatial import AREA_RANGE, RATIO_RANGE, SPATIAL_PROTOCOLS
 
 __all__ = ["load_builder", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_batches"]
 
@@ -71,11 +71,11 @@ def _train_indices(size, seed, process_index, process_count, start_video):
     return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
 
 
-def _train_sample(jpegs, seed, clip_len, crop_size, flip):
+def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_range):
     """One clip from its sampled JPEGs: RandomResizedCrop (shared by the frames), resize, flip."""
     s_crop, s_flip = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(2))
     shape = tf.io.extract_jpeg_shape(jpegs[0])
-    box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1])
+    box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1], area_range, ratio_range)
     frames = tf_ops.decode_frames(jpegs, clip_len, box)
     frames = tf_ops.resize_uint8(frames, crop_size, crop_size)
     if flip:
@@ -95,7 +95,8 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
                   per_host_batch: int, seed: int = 0, flip: bool | None = None,
                   num_samples: int = 1, host_randaugment: bool = False, process_index: int = 0,
                   process_count: int = 1, start_step: int = 0, randaugment_magnitude: int = 7,
-                  randaugment_layers: int = 4) -> tf.data.Dataset:
+                  randaugment_layers: int = 4, area_range=AREA_RANGE,
+                  ratio_range=RATIO_RANGE) -> tf.data.Dataset:
     """Infinite train batches ``{"video": uint8 (B, T, S, S, 3), "label": int32 (B,)}``.
 
     ``num_samples`` > 1: repeated augmentation, ``B // num_samples`` videos per batch, each
@@ -103,6 +104,8 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     the dataset's setting (off for SSv2 and the synthetic set). ``host_randaugment`` applies
     :func:`uniformerv2_jax.data.randaugment` on the host CPU (for inspection; train on the
     accelerator instead). ``start_step`` = batches this host already consumed.
+    ``area_range`` / ``ratio_range``: the RandomResizedCrop's crop area (fraction of the frame)
+    and aspect ratio (w/h) ranges; the defaults are mmaction2's (0.08, 1) and (3/4, 4/3).
     """
     builder = load_builder(data_dir_or_builder)
     if per_host_batch % num_samples:
@@ -124,7 +127,8 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
         video_seed = tf.stack([tf.constant(salt, tf.int64), pos])
         clips = [_train_sample(jpegs[k * clip_len:(k + 1) * clip_len],
                                tf.random.experimental.stateless_fold_in(video_seed, k),
-                               clip_len, crop_size, flip) for k in range(num_samples)]
+                               clip_len, crop_size, flip, tuple(area_range), tuple(ratio_range))
+                 for k in range(num_samples)]
         return {"video": tf.stack(clips),
                 "label": tf.fill([num_samples], tf.ensure_shape(label, []))}
 

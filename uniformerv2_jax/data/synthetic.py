@@ -20,11 +20,13 @@ __all__ = ["SYNTHETIC_CLASSES", "render_clip", "write_synthetic_videos",
 
 SYNTHETIC_CLASSES = ("moving right", "moving left", "moving down", "moving up")
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (dy, dx) per class
+RADIUS = (0.09, 0.16)  # shape radius range, fraction of the frame side
+SPEED = (1.2, 2.2)     # pixels per frame range
 
 
-def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+def _shape_mask(rng: np.random.Generator, size: int, radius=RADIUS) -> np.ndarray:
     """Boolean mask (size, size) of a disc, square or diamond centred in the frame."""
-    r = rng.uniform(0.09, 0.16) * size
+    r = rng.uniform(*radius) * size
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     kind = rng.integers(3)
     if kind == 0:
@@ -35,13 +37,16 @@ def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render_clip(rng: np.random.Generator, label: int, size: int = 64,
-                num_frames: int = 24) -> np.ndarray:
-    """RGB frames (num_frames, size, size, 3) uint8 of one shape moving in class ``label``'s direction."""
-    mask = _shape_mask(rng, size)
+                num_frames: int = 24, *, radius=RADIUS, speed=SPEED) -> np.ndarray:
+    """RGB frames (num_frames, size, size, 3) uint8 of one shape moving in class ``label``'s direction.
+
+    ``radius`` (fraction of ``size``) and ``speed`` (pixels per frame) are uniform ranges.
+    """
+    mask = _shape_mask(rng, size, radius)
     background = rng.integers(0, 256, 3)
     colour = (background + rng.integers(96, 160, 3)) % 256  # far from the background
     start = rng.uniform(0, size, 2)
-    speed = rng.uniform(1.2, 2.2)
+    speed = rng.uniform(*speed)
     dy, dx = _DIRECTIONS[label]
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     for t in range(num_frames):
@@ -53,7 +58,8 @@ def render_clip(rng: np.random.Generator, label: int, size: int = 64,
 
 
 def write_synthetic_videos(out_dir, num_train: int = 256, num_val: int = 64, *, size: int = 64,
-                           num_frames: int = 24, seed: int = 0, fps: int = 25) -> dict:
+                           num_frames: int = 24, seed: int = 0, fps: int = 25,
+                           radius=RADIUS, speed=SPEED) -> dict:
     """Write mp4 videos, ``train_list.txt``/``val_list.txt`` (mmaction2 ``path label``) and
     ``classes.txt`` into ``out_dir``; returns the paths. Labels are balanced (i % 4)."""
     out_dir = os.fspath(out_dir)
@@ -66,7 +72,8 @@ def write_synthetic_videos(out_dir, num_train: int = 256, num_val: int = 64, *, 
             label = i % len(SYNTHETIC_CLASSES)
             rel = f"{split}/{i:06d}.mp4"
             write_video(os.path.join(out_dir, "videos", rel),
-                        render_clip(rng, label, size, num_frames), fps=fps)
+                        render_clip(rng, label, size, num_frames, radius=radius, speed=speed),
+                        fps=fps)
             lines.append(f"{rel} {label}\n")
         lists[split] = os.path.join(out_dir, list_name)
         with open(lists[split], "w") as f:
@@ -93,15 +100,22 @@ class PreparedDataset:
 
 def prepare_synthetic_dataset(data_dir, num_train: int = 256, num_val: int = 64, *,
                               size: int = 64, num_frames: int = 24, seed: int = 0,
-                              num_workers: int | None = None) -> PreparedDataset:
-    """Write the videos and build the TFDS dataset under ``data_dir`` unless already there."""
+                              num_workers: int | None = None, radius=RADIUS,
+                              speed=SPEED) -> PreparedDataset:
+    """Write the videos and build the TFDS dataset under ``data_dir`` unless already there.
+
+    ``radius`` / ``speed``: see :func:`render_clip` (non-default values get their own dataset).
+    """
     from .builder import NAMED_CONFIGS, build_dataset  # TensorFlow only when building
 
     tag = f"n{num_train}v{num_val}s{size}f{num_frames}r{seed}"
+    radius, speed = tuple(float(v) for v in radius), tuple(float(v) for v in speed)
+    if (radius, speed) != (RADIUS, SPEED):
+        tag += "_r{:g}-{:g}_v{:g}-{:g}".format(*radius, *speed)
     source = os.path.join(os.fspath(data_dir), "synthetic_source", tag)
     if not os.path.isfile(os.path.join(source, "classes.txt")):
         write_synthetic_videos(source + ".tmp", num_train, num_val, size=size,
-                               num_frames=num_frames, seed=seed)
+                               num_frames=num_frames, seed=seed, radius=radius, speed=speed)
         os.replace(source + ".tmp", source)
     base = next(c for c in NAMED_CONFIGS if c.name == "synthetic")
     config = dataclasses.replace(base, name=f"synthetic_{tag}", flip=False)

@@ -16,11 +16,12 @@ __all__ = ["rrc_box_from_draws", "random_resized_crop_box", "decode_frames",
            "resize_uint8", "eval_views"]
 
 
-def rrc_box_from_draws(height, width, u_area, u_ratio, u_x, u_y):
+def rrc_box_from_draws(height, width, u_area, u_ratio, u_x, u_y, area_range=AREA_RANGE,
+                       ratio_range=RATIO_RANGE):
     """RandomResizedCrop box ``(y, x, h, w)`` int32 from uniform draws (mmaction2's rule)."""
     h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-    area = (AREA_RANGE[0] + (AREA_RANGE[1] - AREA_RANGE[0]) * u_area) * h * w
-    log_lo, log_hi = math.log(RATIO_RANGE[0]), math.log(RATIO_RANGE[1])
+    area = (area_range[0] + (area_range[1] - area_range[0]) * u_area) * h * w
+    log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
     ratio = tf.exp(log_lo + (log_hi - log_lo) * u_ratio)
     cw, ch = tf.round(tf.sqrt(area * ratio)), tf.round(tf.sqrt(area / ratio))
     ok = (cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h)
@@ -33,11 +34,15 @@ def rrc_box_from_draws(height, width, u_area, u_ratio, u_x, u_y):
     return tf.cast(box, tf.int32)
 
 
-def random_resized_crop_box(seed, height, width):
-    """Stateless RandomResizedCrop box ``(y, x, h, w)``: 10 tries, then a centred square."""
+def random_resized_crop_box(seed, height, width, area_range=AREA_RANGE,
+                            ratio_range=RATIO_RANGE):
+    """Stateless RandomResizedCrop box ``(y, x, h, w)``: 10 tries, then a centred square.
+
+    ``area_range`` (fraction of the frame) and ``ratio_range`` (w/h) default to mmaction2's.
+    """
     u = tf.random.stateless_uniform([2 * MAX_TRIES + 2], seed, dtype=tf.float64)
     return rrc_box_from_draws(height, width, u[:MAX_TRIES], u[MAX_TRIES:2 * MAX_TRIES],
-                              u[-2], u[-1])
+                              u[-2], u[-1], area_range, ratio_range)
 
 
 def decode_frames(jpegs, count: int, box=None) -> tf.Tensor:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.flops import device_peak_flops, train_flops_per_clip
 from uniformerv2_jax.training import config_check
 from uniformerv2_jax.training.optim import make_optimizer
 from uniformerv2_jax.training.state import (abstract_state, model_def, state_shapes,
@@ -53,7 +54,16 @@ def compile_for_topology(config, topology: str) -> dict:
   step = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
                         {k: v.sharding for k, v in batch.items()}, mesh)
   t0 = time.time()
-  compiled = step.lower(state, batch).compile()
+  try:
+    compiled = step.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise config_check.ConfigError(
+        f"--aot_topology={topology}: the train step does not fit one chip's memory "
+        f"({str(e).split('RESOURCE_EXHAUSTED: ')[-1].splitlines()[0]}). Try "
+        "--config.model.remat=full, a larger --config.train.grad_accum_steps, or more fsdp "
+        "(--config.mesh.fsdp=...).") from None
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -70,6 +80,11 @@ def compile_for_topology(config, topology: str) -> dict:
     out["total_gib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes
                         + mem.generated_code_size_in_bytes) / gib
+  analytic = train_flops_per_clip(cfg) * b / len(devices)
+  out["analytic_tflop_per_chip"] = analytic / 1e12
+  peak = device_peak_flops(devices[0])
+  if peak:
+    out["ideal_step_ms"] = analytic / peak * 1e3  # at 100% MFU: divide by the MFU you expect
   if cost:
     out["flops_per_chip"] = float(cost.get("flops", 0.0))
     for key in ("optimal_seconds", "utilization", "bytes accessed"):
@@ -86,4 +101,7 @@ def compile_for_topology(config, topology: str) -> dict:
           + (f", step time {out['optimal_seconds'] * 1e3:.0f} ms" if out.get("optimal_seconds", -1) > 0
              else " (this compiler gave no valid step-time estimate)")
           + ("; scanned layers are counted once, not per layer" if cfg.scan_layers else ""))
+  if peak:
+    print(f"  analytic: {out['analytic_tflop_per_chip']:.1f} TFLOP per chip per step -> "
+          f"{out['ideal_step_ms']:.0f} ms at 100% MFU, {out['ideal_step_ms'] / 0.5:.0f} ms at 50%")
   return out

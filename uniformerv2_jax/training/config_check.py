@@ -123,9 +123,9 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
     where = data_io.dataset_dir(config)
     if not config.dataset.data_dir or not os.path.isdir(where):
       problems.append(
-          f"config.dataset: no built dataset {name!r} at {where}. Build it first, e.g. `tfds "
-          f"build video_classification --imports uniformerv2_jax.data.builder --config {name} "
-          "--manual_dir RAW --data_dir DIR`, then pass --config.dataset.data_dir=DIR")
+          f"config.dataset: no built dataset {name!r} at {where}. Build it first: `python -m "
+          f"uniformerv2_jax.data.build --config {name} --manual_dir RAW --data_dir DIR`, then "
+          "pass --config.dataset.data_dir=DIR")
   elif name == "synthetic" and not config.dataset.data_dir:
     problems.append("config.dataset.data_dir must name a folder for the synthetic dataset")
   if not problems:
