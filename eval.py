@@ -18,37 +18,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from uniformerv2_jax import distributed  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file (configs/*.py)",
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model directory to evaluate")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results.jsonl and summary.json go")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "stop early (smoke tests; no summary "
                                     "of the full split)")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (gloo|mpi).")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 FLAGS = flags.FLAGS
-
-
-def _maybe_initialize_distributed():
-  import jax
-  if FLAGS.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                     "MEGASCALE_COORDINATOR_ADDRESS")) and \
-      os.environ.get("SLURM_NTASKS", "2") != "1":
-    jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _maybe_initialize_distributed()
+  distributed.maybe_initialize()
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value

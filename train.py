@@ -15,28 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from uniformerv2_jax import distributed  # noqa: E402
+
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and summary.json.")
 flags.DEFINE_string("aot_topology", None, "e.g. v5p:4x4x4 or v4:4x4x4: compile only, for sizing.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (gloo|mpi).")
+distributed.define_flags()
 FLAGS = flags.FLAGS
-
-
-def _maybe_initialize_distributed():
-  import jax
-  if FLAGS.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                     "MEGASCALE_COORDINATOR_ADDRESS")) and \
-      os.environ.get("SLURM_NTASKS", "2") != "1":
-    jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM)
 
 
 def main(argv):
@@ -56,7 +42,7 @@ def main(argv):
     return
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required")
-  _maybe_initialize_distributed()
+  distributed.maybe_initialize()
   from uniformerv2_jax.training.loop import TrainingDiverged, train_and_evaluate
   try:
     train_and_evaluate(config, FLAGS.workdir)
