@@ -64,7 +64,7 @@ def test_train_mode_batchnorm(x64):
                       ("weight", "bias", "running_mean", "running_var")}, strict=False)
   n, t = 2, 4
   grid = tokens[:, 1:].reshape(n, t, 4, 4, 48).transpose(0, 4, 1, 2, 3)
-  bn.train()(torch.from_numpy(grid))
+  bn.train()(torch.from_numpy(np.array(grid)))
   stats = model.backbone.blocks[0].lmhra1.bn
   assert rel_err(stats.mean.get_value(), bn.running_mean.numpy()) < 1e-12
   assert rel_err(stats.var.get_value(), bn.running_var.numpy()) < 1e-12
