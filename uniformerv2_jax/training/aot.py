@@ -8,6 +8,7 @@ Prints per-chip memory (`compiled.memory_analysis()`) and XLA's cost estimates.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -31,6 +32,14 @@ def topology_devices(topology: str):
         f"--aot_topology={topology}: cannot describe this TPU topology ({type(e).__name__}: {e}). "
         "Install the TPU compiler: pip install 'libtpu==0.0.42.*' (the pin of jax[tpu] 0.10.2); "
         "names look like v5p:4x4x4, v4:4x4x4, v5e:4x4.") from None
+
+
+def _chips(topology: str) -> int | None:
+  """64 for 'v4:4x4x4' (chips in the slice), None when the name has no shape."""
+  try:
+    return math.prod(int(d) for d in topology.split(":")[1].split("x"))
+  except (IndexError, ValueError):
+    return None
 
 
 def compile_for_topology(config, topology: str) -> dict:
@@ -82,7 +91,10 @@ def compile_for_topology(config, topology: str) -> dict:
                         + mem.generated_code_size_in_bytes) / gib
   analytic = train_flops_per_clip(cfg) * b / len(devices)
   out["analytic_tflop_per_chip"] = analytic / 1e12
-  peak = device_peak_flops(devices[0])
+  peak = device_peak_flops(devices[0])  # per chip
+  chips = _chips(topology)
+  if peak and chips and chips < len(devices):
+    peak *= chips / len(devices)  # e.g. v4 without megacore: each TensorCore is a device
   if peak:
     out["ideal_step_ms"] = analytic / peak * 1e3  # at 100% MFU: divide by the MFU you expect
   if cost:
