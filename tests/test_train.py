@@ -87,3 +87,14 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["preempted"] and 3 <= summary["steps"] < 400
   assert str(summary["steps"]) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_train_step_with_on_device_randaugment(tmp_path):
+  """The recipes' default input path: uint8 clips, RandAugment + normalisation in the step."""
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import tiny_config
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  config = tiny_config({"input.randaugment": True, "train.steps_per_epoch": 2,
+                        "train.checkpoint_every_steps": 100})
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])

@@ -17,18 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax.training.optim import merge_trainable, trainable
 
-MEAN, STD = 114.75, 57.375  # shared/recipes.md "Normalisation"
-
 
 def _data_fns():
-  """(normalize, randaugment) of the data package (uint8 -> float32 on device)."""
+  """(normalize, randaugment) of the data package: uint8 -> float32 on the device."""
   from uniformerv2_jax import data
-  try:
-    return data.normalize, data.randaugment
-  except (AttributeError, ImportError):  # data.augment not available yet
-    def randaugment(*_, **__):
-      raise NotImplementedError("RandAugment needs uniformerv2_jax.data.augment")
-    return (lambda v: (v.astype(jnp.float32) - MEAN) / STD), randaugment
+  return data.normalize, data.randaugment
 
 
 def cross_entropy(logits, labels):
