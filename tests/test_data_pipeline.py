@@ -4,8 +4,8 @@ import collections
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from uniformerv2_jax import data  # noqa: E402
 from uniformerv2_jax.data.builder import VideoConfig, build_dataset  # noqa: E402

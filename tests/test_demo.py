@@ -6,9 +6,7 @@ is the best any single-frame model can do; the assertion needs real temporal mod
 import json
 import os
 
-import pytest
 
-pytest.importorskip("tensorflow_datasets")
 
 
 def test_reduced_demo_learns_motion(tmp_path):
