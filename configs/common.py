@@ -16,7 +16,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ModelConfig field can be added in a recipe).
   c.model = ml_collections.ConfigDict(dict(
       name="b16", num_classes=400, dtype="bfloat16",  # upstream: fp16 autocast
-      param_dtype="float32", scan_layers=False, remat="none", attention="xla"))
+      param_dtype="float32", scan_layers=False, remat="none", attention="auto"))
 
   c.dataset = ml_collections.ConfigDict(dict(
       name="kinetics400",        # TFDS config of uniformerv2_jax.data.builder, "synthetic", or

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,8 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = False     # lax.scan over backbone blocks (compile time flat in depth)
   remat: str = "none"           # rematerialise backbone blocks: none|full|dots|dots_no_batch
-  attention: str = "xla"        # xla (einsum + float32 softmax) | cudnn (fused, padded)
+  attention: str = "auto"       # auto (cudnn where it runs, else xla) | xla (einsum + float32
+                                # softmax) | cudnn (fused flash attention, bf16/fp16 only)
 
   @property
   def n_dim(self) -> int:

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uniformerv2_jax.config import ModelConfig
-from uniformerv2_jax.layers import (Dense, LayerNorm, attention, depthwise_conv3d, drop_path,
-                                    dropout, param, precision, quick_gelu, uniform, xavier_bound)
+from uniformerv2_jax.layers import (Dense, LayerNorm, attention, attention_impl, depthwise_conv3d,
+                                    drop_path, dropout, param, precision, quick_gelu,
+                                    token_padding, uniform, xavier_bound)
 
 
 def _dtypes(cfg: ModelConfig):
@@ -149,10 +150,15 @@ class Block(nnx.Module):
     token_mask = (1, s, 1)  # upstream DropPath on (L, NT, C): one draw per token position
     if self.lmhra1 is not None:
       x = self._lmhra(self.lmhra1, x, n, k1, rate, train)
-    h = self.ln_1(x)
+    # Pad the tokens once, in the LayerNorm's output, for attention kernels that want
+    # it; the projections run on the padded rows and the residual drops them again.
+    impl = attention_impl(self.cfg.attention, self.qkv.dtype, c // self.cfg.heads)
+    pad = token_padding(s, impl)
+    h = jnp.pad(self.ln_1(x), ((0, 0), (0, pad), (0, 0))) if pad else self.ln_1(x)
     q, k, v = self._qkv(h)
-    a = attention(q, k, v, self.cfg.attention)
-    x = x + drop_path(self.out(a.reshape(b, s, c)), rate, k2, token_mask)
+    a = attention(q, k, v, impl, valid_len=s)
+    a = self.out(a.reshape(b, s + pad, c))[:, :s]
+    x = x + drop_path(a, rate, k2, token_mask)
     if self.lmhra2 is not None:
       x = self._lmhra(self.lmhra2, x, n, k3, rate, train)
     return x + drop_path(self.mlp(self.ln_2(x)), rate, k4, token_mask)

@@ -1,0 +1,91 @@
+"""Building blocks against PyTorch: LayerNorm (its hand-written backward), QuickGELU, and
+attention over padded tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import golden_case, rel_err, torch_input_to_jax
+from test_model import golden_model
+from uniformerv2_jax import layers
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (7, 24)])
+def test_layer_norm_value_and_gradients_match_torch(shape, x64):
+  rng = np.random.default_rng(0)
+  x = 3.0 + 2.0 * rng.standard_normal(shape)  # a mean far from 0, as in CLIP's residual stream
+  scale, bias = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+  cot = rng.standard_normal(shape)
+  xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
+  yt = torch.nn.functional.layer_norm(xt, (shape[-1],), st, bt, eps=1e-5)
+  yt.backward(torch.tensor(cot))
+
+  f = lambda x, s, b: layers.layer_norm(x, s, b, jnp.dtype(jnp.float64))
+  y, vjp = jax.vjp(f, *(jnp.asarray(a) for a in (x, scale, bias)))
+  assert rel_err(y, yt.detach().numpy()) < 1e-13
+  for ours, theirs in zip(vjp(jnp.asarray(cot)), (xt.grad, st.grad, bt.grad)):
+    assert rel_err(ours, theirs.numpy()) < 1e-12
+
+
+def test_layer_norm_bfloat16_keeps_dtypes_and_float32_accuracy():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(3.0 + rng.standard_normal((64, 32)), jnp.bfloat16)
+  scale = jnp.asarray(rng.standard_normal(32), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(32), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+  bf16 = lambda x, s, b: layers.layer_norm(x, s, b, jnp.dtype(jnp.bfloat16))
+  y, vjp = jax.vjp(bf16, x, scale, bias)
+  dx, ds, db = vjp(cot)
+  assert (y.dtype, dx.dtype) == (jnp.bfloat16, jnp.bfloat16)
+  assert (ds.dtype, db.dtype) == (jnp.float32, jnp.float32)
+  f32 = lambda x, s, b: layers.layer_norm(x, s, b, jnp.dtype(jnp.float32))
+  _, vjp32 = jax.vjp(f32, x.astype(jnp.float32), scale, bias)
+  for ours, ref in zip((dx, ds, db), vjp32(cot.astype(jnp.float32))):
+    assert rel_err(ours, ref) < 2 ** -7  # one bf16 rounding of dx; scale/bias grads in float32
+
+
+def test_quick_gelu_rounds_like_torch_bfloat16():
+  x = (4 * np.random.default_rng(2).standard_normal(50_000)).astype(np.float32)
+  xt = torch.tensor(x).bfloat16()
+  expected = (xt * torch.sigmoid(1.702 * xt)).float().numpy()
+  ours = np.asarray(layers.quick_gelu(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))
+  np.testing.assert_array_equal(ours, expected)
+
+
+def test_quick_gelu_float64_is_exact(x64):
+  x = np.linspace(-6, 6, 101)
+  expected = x / (1 + np.exp(-1.702 * x))
+  assert rel_err(layers.quick_gelu(jnp.asarray(x)), expected) < 1e-15
+
+
+def test_padded_tokens_change_neither_logits_nor_gradients(monkeypatch, x64):
+  """Pad the backbone's tokens as the cuDNN path does (here through XLA attention with a
+  key mask, so that it runs on a CPU): float64 logits and every gradient stay the same."""
+  model, arrays = golden_model("tiny_k400")
+  video = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p, rest)(video)
+    return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
+
+  (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  assert rel_err(logits, arrays["logits"]) < 1e-9
+  monkeypatch.setitem(layers.TOKEN_PAD_MULTIPLE, "xla", 8)
+  s = golden_case("tiny_k400")[1]
+  assert layers.token_padding((s["input_resolution"] // s["patch_size"]) ** 2 + 1, "xla") > 0
+  (_, padded_logits), padded_grads = jax.value_and_grad(loss, has_aux=True)(params)
+  assert rel_err(padded_logits, logits) < 1e-13
+  for g, pg in zip(jax.tree.leaves(grads), jax.tree.leaves(padded_grads)):
+    assert np.max(np.abs(np.asarray(pg) - np.asarray(g))) <= 1e-12 * (np.max(np.abs(g)) + 1e-30)
+
+
+def test_auto_attention_resolves_per_platform_and_dtype():
+  on_cuda = jax.default_backend() == "gpu"
+  assert layers.attention_impl("auto", jnp.float32, 64) == "xla"      # cuDNN needs 16-bit
+  assert layers.attention_impl("auto", jnp.bfloat16, 12) == "xla"     # head dim not a multiple of 8
+  assert layers.attention_impl("auto", jnp.bfloat16, 64) == ("cudnn" if on_cuda else "xla")
+  assert layers.attention_impl("cudnn", jnp.float32, 12) == "cudnn"   # explicit names stay
