@@ -89,3 +89,43 @@ def test_auto_attention_resolves_per_platform_and_dtype():
   assert layers.attention_impl("auto", jnp.bfloat16, 12) == "xla"     # head dim not a multiple of 8
   assert layers.attention_impl("auto", jnp.bfloat16, 64) == ("cudnn" if on_cuda else "xla")
   assert layers.attention_impl("cudnn", jnp.float32, 12) == "cudnn"   # explicit names stay
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cudnn_path_plumbing_with_xla_kernel(monkeypatch, train, x64):
+  """The "cudnn" path with its one cuDNN call swapped for masked float64 XLA attention:
+  training pads the tokens in the LayerNorm, evaluation runs them unpadded and
+  differentiates through a padded recomputation. Logits and every gradient equal those
+  of the plain XLA path. (jax.nn.dot_product_attention's own XLA implementation would
+  not do as the stand-in: it runs the softmax in float32 even for float64 inputs.)"""
+  calls = []
+
+  def kernel(q, k, v, q_len=None, kv_len=None):
+    calls.append((q.shape[1], kv_len))
+    return layers.attention(q, k, v, "xla", valid_len=kv_len)
+
+  monkeypatch.setattr(layers, "_fused", kernel)
+  arrays = golden_case("tiny_k400")[0]
+  video = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
+  results = []
+  for impl in ("xla", "cudnn"):
+    model, _ = golden_model("tiny_k400", mlp_dropout=0.0, cls_dropout=0.0, attention=impl)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+      logits = nnx.merge(graphdef, p, rest)(video, train=train, key=jax.random.key(0))
+      return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
+
+    results.append(jax.value_and_grad(loss, has_aux=True)(params))
+  (_, logits), grads = results[0]
+  (_, fused_logits), fused_grads = results[1]
+  s = golden_case("tiny_k400")[1]
+  tokens = (s["input_resolution"] // s["patch_size"]) ** 2 + 1  # 17: odd, cuDNN pads it
+  padded = tokens + layers.token_padding(tokens, "cudnn")
+  # Training: padded forward and backward; evaluation: unpadded forward, padded backward.
+  assert set(calls) == ({(padded, tokens)} if train else {(tokens, None), (padded, tokens)})
+  if not train:
+    assert rel_err(logits, arrays["logits"]) < 1e-9
+  assert rel_err(fused_logits, logits) < 1e-13
+  for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(fused_grads)):
+    assert np.max(np.abs(np.asarray(fg) - np.asarray(g))) <= 1e-12 * (np.max(np.abs(g)) + 1e-30)

@@ -150,10 +150,11 @@ class Block(nnx.Module):
     token_mask = (1, s, 1)  # upstream DropPath on (L, NT, C): one draw per token position
     if self.lmhra1 is not None:
       x = self._lmhra(self.lmhra1, x, n, k1, rate, train)
-    # Pad the tokens once, in the LayerNorm's output, for attention kernels that want
-    # it; the projections run on the padded rows and the residual drops them again.
+    # Training pads the tokens once, in the LayerNorm's output, for attention kernels
+    # whose backward wants it; the projections run on the padded rows and the residual
+    # drops them again. Evaluation runs unpadded (see layers._cudnn_attention).
     impl = attention_impl(self.cfg.attention, self.qkv.dtype, c // self.cfg.heads)
-    pad = token_padding(s, impl)
+    pad = token_padding(s, impl) if train else 0
     h = jnp.pad(self.ln_1(x), ((0, 0), (0, pad), (0, 0))) if pad else self.ln_1(x)
     q, k, v = self._qkv(h)
     a = attention(q, k, v, impl, valid_len=s)
