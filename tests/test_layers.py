@@ -62,14 +62,15 @@ def test_quick_gelu_float64_is_exact(x64):
 
 
 def test_padded_tokens_change_neither_logits_nor_gradients(monkeypatch, x64):
-  """Pad the backbone's tokens as the cuDNN path does (here through XLA attention with a
-  key mask, so that it runs on a CPU): float64 logits and every gradient stay the same."""
-  model, arrays = golden_model("tiny_k400")
+  """Pad the backbone's tokens as training on the cuDNN path does (here through XLA
+  attention with a key mask, so that it runs on a CPU): float64 logits and every gradient
+  stay the same. Train mode (padding is for the backward), dropout off."""
+  model, arrays = golden_model("tiny_k400", mlp_dropout=0.0, cls_dropout=0.0)
   video = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(p):
-    logits = nnx.merge(graphdef, p, rest)(video)
+    logits = nnx.merge(graphdef, p, rest)(video, train=True, key=jax.random.key(0))
     return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
 
   (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
