@@ -28,6 +28,8 @@ TINY = dict(input_resolution=64, patch_size=16, width=192, layers=4, heads=3,
 
 
 def normalize(video):
+  """uniformerv2_jax.data.normalize's arithmetic, without importing the data package (PyAV,
+  TensorFlow), which a bare GPU machine may lack."""
   return (video.astype(jnp.float32) - 114.75) / 57.375
 
 
@@ -70,31 +72,34 @@ def timed(fn, steps):
   return (time.perf_counter() - start) / steps
 
 
-def bench_one(name, mode, batch, attention, remat, dpe, args):
-  layers.DEPTHWISE_IMPL = dpe
+def prepare(name, mode, batch, args, attention="auto", remat="none"):
+  """(config, compiled step, a function running it once, FLOPs per clip) on random clips."""
   cfg, model = build(name, args, attention, remat)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   state = dict(params=params, rest=rest)
   res = cfg.input_resolution
   rng = np.random.default_rng(0)
   video = jax.device_put(rng.integers(0, 256, (batch, cfg.t_size, res, res, 3), np.uint8))
+  if mode != "train":
+    compiled = make_infer_step(graphdef).lower(state, video).compile()
+    return cfg, compiled, lambda: compiled(state, video), inference_flops_per_clip(cfg)
   label = jax.device_put(rng.integers(0, 400, (batch,)).astype(np.int32))
-  t_compile = time.perf_counter()
-  if mode == "train":
-    tx = optax.adamw(1e-5, weight_decay=0.05)
-    opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx)
-    holder = dict(state=state, opt=opt_state, key=jax.random.key(0))
+  tx = optax.adamw(1e-5, weight_decay=0.05)
+  holder = dict(state=state, opt=tx.init(params), key=jax.random.key(0))
+  compiled = make_train_step(graphdef, tx).lower(
+      state, holder["opt"], video, label, holder["key"]).compile()
 
-    def run():
-      holder["key"], k = jax.random.split(holder["key"])
-      holder["state"], holder["opt"], loss = step(holder["state"], holder["opt"], video, label, k)
-      return loss
-    flops = train_flops_per_clip(cfg)
-  else:
-    step = make_infer_step(graphdef)
-    run = lambda: step(state, video)
-    flops = inference_flops_per_clip(cfg)
+  def run():
+    holder["key"], k = jax.random.split(holder["key"])
+    holder["state"], holder["opt"], loss = compiled(holder["state"], holder["opt"], video, label, k)
+    return loss
+  return cfg, compiled, run, train_flops_per_clip(cfg)
+
+
+def bench_one(name, mode, batch, attention, remat, dpe, args):
+  layers.DEPTHWISE_IMPL = dpe
+  t_compile = time.perf_counter()
+  _, _, run, flops = prepare(name, mode, batch, args, attention, remat)
   jax.block_until_ready(run())
   t_compile = time.perf_counter() - t_compile
   sec = timed(run, args.steps)

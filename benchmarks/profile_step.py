@@ -28,11 +28,8 @@ import time
 
 import jax
 import jax.experimental.profiler
-import numpy as np
-import optax
-from flax import nnx
 
-from benchmarks.model_throughput import build, make_infer_step, make_train_step
+from benchmarks.model_throughput import prepare
 from uniformerv2_jax import layers
 
 
@@ -174,31 +171,6 @@ def trace_costs(run, steps: int) -> tuple[dict[str, float], int]:
     return instruction_costs(proto), os.path.getsize(planes[0])
 
 
-def _compiled_step(args):
-  """(name, compiled step, a function running it once) for the benchmarked model."""
-  name = "tiny" if args.tiny else args.model
-  cfg, model = build(name, args, args.attention, args.remat)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  state = dict(params=params, rest=rest)
-  rng = np.random.default_rng(0)
-  res = cfg.input_resolution
-  video = jax.device_put(rng.integers(0, 256, (args.batch, cfg.t_size, res, res, 3), np.uint8))
-  if args.mode == "inference":
-    compiled = make_infer_step(graphdef).lower(state, video).compile()
-    return name, compiled, lambda: compiled(state, video)
-  label = jax.device_put(rng.integers(0, 400, (args.batch,)).astype(np.int32))
-  tx = optax.adamw(1e-5, weight_decay=0.05)
-  holder = dict(state=state, opt=tx.init(params))
-  key = jax.random.key(0)
-  compiled = make_train_step(graphdef, tx).lower(state, holder["opt"], video, label, key).compile()
-
-  def run():
-    holder["state"], holder["opt"], loss = compiled(holder["state"], holder["opt"], video, label,
-                                                    key)
-    return loss
-  return name, compiled, run
-
-
 def _write(out_dir, stem, hlo, costs, info):
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f"{stem}.hlo.txt"), "w") as f:
@@ -250,7 +222,8 @@ def main():
   args.scan = False
   layers.DEPTHWISE_IMPL = args.dpe
   layers.TOKEN_PAD_MULTIPLE["cudnn"] = args.attn_pad
-  name, compiled, run = _compiled_step(args)
+  name = "tiny" if args.tiny else args.model
+  _, compiled, run, _ = prepare(name, args.mode, args.batch, args, args.attention, args.remat)
   for _ in range(3):
     jax.block_until_ready(run())
   start = time.perf_counter()

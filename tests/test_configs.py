@@ -85,7 +85,7 @@ def test_good_config_passes():
     (lambda c: c.mesh.__setattr__("fsdp", 3), "does not divide 8 devices"),
     (lambda c: c.dataset.update(name="kinetics400", data_dir="/nonexistent"),
      "no built dataset 'kinetics400' at /nonexistent"),
-    (lambda c: c.input.__setattr__("crop_size", 64), "crop_size=64 but the model.s input_resolution is 32"),
+    (lambda c: c.input.__setattr__("crop_size", 64), "crop_size=64 but the model's input_resolution is 32"),
 ])
 def test_bad_configs_fail_with_one_message(mutate, message):
   c = tiny()

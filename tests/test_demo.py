@@ -7,8 +7,6 @@ import json
 import os
 
 
-
-
 def test_reduced_demo_learns_motion(tmp_path):
     from configs import demo
     from uniformerv2_jax.training.loop import train_and_evaluate

@@ -61,27 +61,41 @@ def test_quick_gelu_float64_is_exact(x64):
   assert rel_err(layers.quick_gelu(jnp.asarray(x)), expected) < 1e-15
 
 
-def test_padded_tokens_change_neither_logits_nor_gradients(monkeypatch, x64):
-  """Pad the backbone's tokens as training on the cuDNN path does (here through XLA
-  attention with a key mask, so that it runs on a CPU): float64 logits and every gradient
-  stay the same. Train mode (padding is for the backward), dropout off."""
-  model, arrays = golden_model("tiny_k400", mlp_dropout=0.0, cls_dropout=0.0)
+GOLDEN_TOKENS = (lambda c: (c["input_resolution"] // c["patch_size"]) ** 2 + 1)(
+    golden_case("tiny_k400")[1])  # 17: odd, so cuDNN pads it
+
+
+def logits_and_grads(train, **overrides):
+  """float64 logits of the golden tiny_k400 model (dropout off) and the gradients of a
+  fixed linear function of them with respect to every parameter."""
+  model, arrays = golden_model("tiny_k400", mlp_dropout=0.0, cls_dropout=0.0, **overrides)
   video = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(p):
-    logits = nnx.merge(graphdef, p, rest)(video, train=True, key=jax.random.key(0))
+    logits = nnx.merge(graphdef, p, rest)(video, train=train, key=jax.random.key(0))
     return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
 
   (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
-  assert rel_err(logits, arrays["logits"]) < 1e-9
+  return logits, grads
+
+
+def assert_same_results(reference, other):
+  (logits, grads), (other_logits, other_grads) = reference, other
+  assert rel_err(other_logits, logits) < 1e-13
+  for g, og in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
+    assert np.max(np.abs(np.asarray(og) - np.asarray(g))) <= 1e-12 * (np.max(np.abs(g)) + 1e-30)
+
+
+def test_padded_tokens_change_neither_logits_nor_gradients(monkeypatch, x64):
+  """Pad the backbone's tokens as training on the cuDNN path does (here through XLA
+  attention with a key mask, so that it runs on a CPU): float64 logits and every gradient
+  stay the same. Train mode (padding is for the backward), dropout off."""
+  reference = logits_and_grads(train=True)
+  assert rel_err(reference[0], golden_case("tiny_k400")[0]["logits"]) < 1e-9
   monkeypatch.setitem(layers.TOKEN_PAD_MULTIPLE, "xla", 8)
-  s = golden_case("tiny_k400")[1]
-  assert layers.token_padding((s["input_resolution"] // s["patch_size"]) ** 2 + 1, "xla") > 0
-  (_, padded_logits), padded_grads = jax.value_and_grad(loss, has_aux=True)(params)
-  assert rel_err(padded_logits, logits) < 1e-13
-  for g, pg in zip(jax.tree.leaves(grads), jax.tree.leaves(padded_grads)):
-    assert np.max(np.abs(np.asarray(pg) - np.asarray(g))) <= 1e-12 * (np.max(np.abs(g)) + 1e-30)
+  assert layers.token_padding(GOLDEN_TOKENS, "xla") > 0
+  assert_same_results(reference, logits_and_grads(train=True))
 
 
 def test_auto_attention_resolves_per_platform_and_dtype():
@@ -106,27 +120,12 @@ def test_cudnn_path_plumbing_with_xla_kernel(monkeypatch, train, x64):
     return layers.attention(q, k, v, "xla", valid_len=kv_len)
 
   monkeypatch.setattr(layers, "_fused", kernel)
-  arrays = golden_case("tiny_k400")[0]
-  video = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
-  results = []
-  for impl in ("xla", "cudnn"):
-    model, _ = golden_model("tiny_k400", mlp_dropout=0.0, cls_dropout=0.0, attention=impl)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-      logits = nnx.merge(graphdef, p, rest)(video, train=train, key=jax.random.key(0))
-      return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
-
-    results.append(jax.value_and_grad(loss, has_aux=True)(params))
-  (_, logits), grads = results[0]
-  (_, fused_logits), fused_grads = results[1]
-  s = golden_case("tiny_k400")[1]
-  tokens = (s["input_resolution"] // s["patch_size"]) ** 2 + 1  # 17: odd, cuDNN pads it
-  padded = tokens + layers.token_padding(tokens, "cudnn")
+  reference = logits_and_grads(train, attention="xla")
+  fused = logits_and_grads(train, attention="cudnn")
+  padded = GOLDEN_TOKENS + layers.token_padding(GOLDEN_TOKENS, "cudnn")
   # Training: padded forward and backward; evaluation: unpadded forward, padded backward.
-  assert set(calls) == ({(padded, tokens)} if train else {(tokens, None), (padded, tokens)})
+  assert set(calls) == ({(padded, GOLDEN_TOKENS)} if train
+                        else {(GOLDEN_TOKENS, None), (padded, GOLDEN_TOKENS)})
   if not train:
-    assert rel_err(logits, arrays["logits"]) < 1e-9
-  assert rel_err(fused_logits, logits) < 1e-13
-  for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(fused_grads)):
-    assert np.max(np.abs(np.asarray(fg) - np.asarray(g))) <= 1e-12 * (np.max(np.abs(g)) + 1e-30)
+    assert rel_err(reference[0], golden_case("tiny_k400")[0]["logits"]) < 1e-9
+  assert_same_results(reference, fused)

@@ -88,17 +88,14 @@ def _layer_norm_bwd(dtype, residuals, g):
   B/16 train step 94.5 -> 86.1 ms)."""
   x, mean, rstd, scale, bias = residuals
   ct = mean.dtype
-  shape, c = x.shape, x.shape[-1]
-  x, g32 = x.reshape(-1, c).astype(ct), g.reshape(-1, c).astype(ct)
-  mean, rstd = mean.reshape(-1, 1), rstd.reshape(-1, 1)
-  xhat = (x - mean) * rstd
+  rows = lambda a: a.reshape(-1, a.shape[-1]).astype(ct)
+  g32 = rows(g)
+  xhat = (rows(x) - rows(mean)) * rows(rstd)
   gx = g32 * scale.astype(ct)
-  dx = rstd * (gx - gx.mean(-1, keepdims=True)
-               - xhat * (gx * xhat).mean(-1, keepdims=True))
-  dscale = (g32 * xhat).sum(0)
-  dbias = g32.sum(0)
-  return (dx.reshape(shape).astype(residuals[0].dtype), dscale.astype(scale.dtype),
-          dbias.astype(bias.dtype))
+  dx = rows(rstd) * (gx - gx.mean(-1, keepdims=True)
+                     - xhat * (gx * xhat).mean(-1, keepdims=True))
+  return (dx.reshape(x.shape).astype(x.dtype), (g32 * xhat).sum(0).astype(scale.dtype),
+          g32.sum(0).astype(bias.dtype))
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

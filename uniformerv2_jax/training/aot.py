@@ -110,7 +110,8 @@ def compile_for_topology(config, topology: str) -> dict:
           f"{out['alias_gib']:.2f}, code {out['code_gib']:.3f})")
   if cost:
     print(f"  XLA estimate per chip: {out['flops_per_chip'] / 1e12:.1f} TFLOP per step"
-          + (f", step time {out['optimal_seconds'] * 1e3:.0f} ms" if out.get("optimal_seconds", -1) > 0
+          + (f", step time {out['optimal_seconds'] * 1e3:.0f} ms"
+             if out.get("optimal_seconds", -1) > 0
              else " (this compiler gave no valid step-time estimate)")
           + ("; scanned layers are counted once, not per layer" if cfg.scan_layers else ""))
   if peak:

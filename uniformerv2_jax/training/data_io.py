@@ -28,11 +28,10 @@ def source(config):
   d = config.dataset
   from uniformerv2_jax import data
   if d.name == "synthetic":
-    return data.prepare_synthetic_dataset(d.data_dir, d.num_train, d.num_val,
-                                          size=d.get("synthetic_size", 64),
-                                          num_frames=d.get("synthetic_frames", 24),
-                                          **{k: tuple(d[f"synthetic_{k}"]) for k in ("radius", "speed")
-                                             if f"synthetic_{k}" in d}).builder
+    return data.prepare_synthetic_dataset(
+        d.data_dir, d.num_train, d.num_val, size=d.synthetic_size,
+        num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
+        speed=tuple(d.synthetic_speed)).builder
   return data.load_builder(dataset_dir(config))
 
 
@@ -75,14 +74,8 @@ def train_batches(config, builder, per_host: int, start_step: int) -> Iterator[d
                           crop_size=inp.crop_size, per_host_batch=per_host,
                           seed=config.train.seed, flip=inp.flip, num_samples=inp.num_samples,
                           process_index=pi, process_count=pc, start_step=start_step,
-                          **_crop_ranges(inp))
+                          area_range=tuple(inp.crop_area), ratio_range=tuple(inp.crop_ratio))
   return ({"video": b["video"], "label": b["label"]} for b in ds.as_numpy_iterator())
-
-
-def _crop_ranges(inp) -> dict:
-  """The train RandomResizedCrop ranges from config.input (absent: the pipeline's defaults)."""
-  names = {"crop_area": "area_range", "crop_ratio": "ratio_range"}
-  return {arg: tuple(float(v) for v in inp[key]) for key, arg in names.items() if key in inp}
 
 
 def eval_batches(config, builder, per_host: int) -> Iterator[dict]:
