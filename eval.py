@@ -1,10 +1,11 @@
-r"""Multi-view evaluation of a model directory (shared/recipes.md, "Test-time spatial views").
+r"""Multi-view evaluation of a model directory or a training run (docs/recipes.md, test views).
 
     python eval.py --config=configs/k400_b16.py --checkpoint=DIR \
         [--config.eval.num_clips=4 --config.eval.num_crops=3] [--workdir=OUT]
 
 Writes OUT/results.jsonl (one line per video) and OUT/summary.json (top1, top5,
-mean_class_accuracy, ...); OUT defaults to eval/<DIR name>-<dataset>-<split>. A Kinetics-710
+mean_class_accuracy, ...); OUT defaults to eval/<DIR name>-<dataset>-<split>. DIR may be a
+training workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP. A Kinetics-710
 model is evaluated on K400/K600/K700 with --config.eval.head_map=k400|k600|k700. Multi-host as
 train.py: auto-detected on Cloud TPU and SLURM, else --coordinator_address/--num_processes/
 --process_id.
@@ -22,7 +23,8 @@ from uniformerv2_jax import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file (configs/*.py)",
                                           lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model directory to evaluate")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model directory or training run (WORKDIR, "
+                                  "WORKDIR/checkpoints/STEP) to evaluate")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results.jsonl and summary.json go")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "stop early (smoke tests; no summary "
                                     "of the full split)")
@@ -38,7 +40,10 @@ def main(argv):
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value
-  name = os.path.basename(os.path.normpath(_CHECKPOINT.value))
+  path = os.path.normpath(os.path.abspath(_CHECKPOINT.value))
+  name = os.path.basename(path)
+  if name.isdigit():  # WORKDIR/checkpoints/STEP
+    name = f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}-step{name}"
   workdir = _WORKDIR.value or os.path.join(
       "eval", f"{name}-{config.dataset.name}-{config.dataset.eval_split}")
   try:

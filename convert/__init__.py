@@ -1,4 +1,4 @@
-"""PyTorch <-> JAX converters for UniFormerV2: `python -m convert clip|uniformerv2|export`.
+"""PyTorch <-> JAX converters for UniFormerV2: `python -m convert clip|uniformerv2|export|checkpoint`.
 
 The functions here are the command line's bodies, usable from Python too.
 """
@@ -147,14 +147,48 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
     if class_names is None and heads.builtin_name(head_map):
       class_names = heads.builtin_class_names(heads.builtin_name(head_map))
     log(f"head remapped to {len(index_map)} classes with {head_map}")
+  elif class_names is None:
+    class_names = _kinetics_class_names(layout, cfg.num_classes, log)
   out = save_pretrained(output, tree, class_names, config=cfg, overwrite=overwrite)
   log(f"wrote {out}")
   return out
 
 
+def checkpoint_to_model_dir(input_dir: str, output: str, *, overwrite: bool = False,
+                            log: Log = print) -> str:
+  """A training checkpoint (WORKDIR or WORKDIR/checkpoints/STEP) -> a model directory."""
+  from uniformerv2_jax.checkpoint import load_weights_tree, save_pretrained
+  _check_output(output, overwrite)
+  cfg, tree, names = load_weights_tree(input_dir)
+  out = save_pretrained(output, tree, names, config=cfg, overwrite=overwrite)
+  log(f"wrote {out} ({cfg.layers}-layer width {cfg.width}, {cfg.num_classes} classes"
+      f"{', with class names' if names else ''})")
+  return out
+
+
+KINETICS_HEADS = {400: "k400", 600: "k600", 700: "k700", 710: "k710"}
+
+
+def _kinetics_class_names(layout: str, num_classes: int, log: Log) -> list[str] | None:
+  """Class names of a Kinetics-sized head when its layout tells its class order."""
+  from uniformerv2_jax import heads
+  name = KINETICS_HEADS.get(num_classes)
+  if name is None:
+    return None
+  if layout == "mmaction2":  # mmaction2 re-ordered its ported heads to its label maps
+    log(f"class names: mmaction2's label_map_{name}.txt, the order of its {num_classes}-way "
+        "heads (--class-names FILE to override)")
+    return heads.builtin_class_names(name)
+  log(f"note: no class names written. The original repository's {num_classes}-way heads list "
+      f"their classes in that repository's order, not mmaction2's label_map_{name}.txt (the "
+      "order of the built-in Kinetics datasets); pass --class-names with the list this head "
+      "was trained with, and eval.py will match its classes to the dataset's by name.")
+  return None
+
+
 def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = False,
                 log: Log = print) -> str:
-  """A model directory -> a PyTorch state dict file the upstream code loads."""
+  """A model directory or training checkpoint -> a PyTorch state dict the upstream code loads."""
   import torch
 
   from uniformerv2_jax.checkpoint import load_weights_tree
@@ -191,5 +225,5 @@ def _check_output(output: str, overwrite: bool) -> None:
     raise ConversionError(f"{output} already exists; choose another --output or pass --overwrite")
 
 
-__all__ = ["ConversionError", "convert_clip_file", "convert_uniformerv2_file", "export_file",
-           "load_torch_file"]
+__all__ = ["ConversionError", "checkpoint_to_model_dir", "convert_clip_file",
+           "convert_uniformerv2_file", "export_file", "load_torch_file"]

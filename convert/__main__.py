@@ -4,6 +4,7 @@
   python -m convert uniformerv2 --input k400_b16.pyth --model b16 --set t_size=8 --output ckpt/k400
   python -m convert uniformerv2 --input k710_l14.pth --model l14 --head-map k400 --output ckpt/k400
   python -m convert export --input ckpt/k400 --layout original --output k400_b16.pyth
+  python -m convert checkpoint --input runs/k710_b16/checkpoints/52000 --output ckpt/my_k710
 """
 
 from __future__ import annotations
@@ -37,11 +38,17 @@ def _parser() -> argparse.ArgumentParser:
   common(u, model_help)
   u.add_argument("--head-map", default=None,
                  help="k400 | k600 | k700 | map.json: gather the rows of a K710 head")
-  e = sub.add_parser("export", help="model directory -> PyTorch state dict")
-  e.add_argument("--input", required=True, help="model directory")
+  e = sub.add_parser("export", help="model directory or training checkpoint -> PyTorch state dict")
+  e.add_argument("--input", required=True,
+                 help="model directory, training workdir or WORKDIR/checkpoints/STEP")
   e.add_argument("--layout", required=True, choices=("original", "mmaction2"))
   e.add_argument("--output", required=True, help=".pyth/.pth file to write")
   e.add_argument("--overwrite", action="store_true")
+  k = sub.add_parser("checkpoint", help="training checkpoint -> model directory (weights only)")
+  k.add_argument("--input", required=True,
+                 help="training workdir (latest step) or WORKDIR/checkpoints/STEP")
+  k.add_argument("--output", required=True, help="model directory to create")
+  k.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   return p
 
 
@@ -55,6 +62,9 @@ def main(argv=None) -> int:
   try:
     if args.command == "export":
       convert.export_file(args.input, args.layout, args.output, overwrite=args.overwrite, log=log)
+      return 0
+    if args.command == "checkpoint":
+      convert.checkpoint_to_model_dir(args.input, args.output, overwrite=args.overwrite, log=log)
       return 0
     sets = parse_sets(args.set)
     names = convert._read_class_names(args.class_names)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from uniformerv2_jax import checkpoint, model_config
 from uniformerv2_jax.checkpoint import (CheckpointError, load_pretrained, read_class_names,
-                                        read_config, restore_weights, save_pretrained)
+                                        read_config, save_pretrained)
 from uniformerv2_jax.weights import WEIGHTS, flatten, model_from_tree, weight_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,6 @@ import sys
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import like train.py)
 
-from configs import common
 from uniformerv2_jax.config import model_config
 from uniformerv2_jax.training.config_check import ConfigError, check
 

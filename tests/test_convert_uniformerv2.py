@@ -162,6 +162,37 @@ def test_head_map_on_cli(tmp_path):
       ROOT, "uniformerv2_jax", "label_maps", "label_map_k600.txt")).readline().strip()
 
 
+def test_kinetics_head_class_names_by_layout(tmp_path, capsys):
+  """mmaction2 ordered its ported Kinetics heads as its label maps: those names are written.
+  The original repository's heads use that repository's order: no names, and a note why."""
+  rng = np.random.default_rng(0)
+  head = {"weight": torch.from_numpy(rng.normal(size=(400, 64)).astype(np.float32)),
+          "bias": torch.from_numpy(rng.normal(size=(400,)).astype(np.float32))}
+  original = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)
+  mmaction = torch.load(GOLDEN / "tiny_k400_mmaction.pth", weights_only=True)
+  for k, v in head.items():
+    original["model_state"][f"backbone.transformer.proj.2.{k}"] = v
+    mmaction["state_dict"][f"cls_head.fc_cls.{k}"] = v
+  torch.save(original, tmp_path / "k400.pyth")
+  torch.save(mmaction, tmp_path / "k400.pth")
+  model = config_file(tmp_path, "tiny_k400", num_classes=400)
+  with open(os.path.join(ROOT, "uniformerv2_jax", "label_maps", "label_map_k400.txt")) as f:
+    k400 = [line.strip() for line in f if line.strip()]
+
+  capsys.readouterr()
+  assert cli_main(["uniformerv2", "--input", str(tmp_path / "k400.pth"), "--model", model,
+                   "--output", str(tmp_path / "mm")]) == 0
+  assert "label_map_k400.txt" in capsys.readouterr().out
+  assert read_class_names(tmp_path / "mm") == k400
+
+  assert cli_main(["uniformerv2", "--input", str(tmp_path / "k400.pyth"), "--model", model,
+                   "--output", str(tmp_path / "orig")]) == 0
+  assert "that repository's order" in capsys.readouterr().out
+  assert read_class_names(tmp_path / "orig") is None
+  jax.tree.map(np.testing.assert_array_equal, restore_weights(tmp_path / "orig"),
+               restore_weights(tmp_path / "mm"))  # the same weights either way
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 def _bad(tmp_path, *args):

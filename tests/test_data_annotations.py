@@ -32,7 +32,7 @@ def test_original_csv_with_header_names_and_extra_columns(tmp_path):
 @pytest.mark.parametrize("line", ["v.mp4 3", "v.mp4 -1", "v.mp4 juggling"])
 def test_unknown_label_names_file_and_line(tmp_path, line):
     path = write(tmp_path, "l.txt", f"ok.mp4 0\n{line}\n")
-    with pytest.raises(ann.AnnotationError, match=rf"l.txt:2: unknown label") as err:
+    with pytest.raises(ann.AnnotationError, match=r"l.txt:2: unknown label") as err:
         ann.parse_list(path, NAMES)
     assert "on_unknown_label='skip'" in str(err.value)
     entries, skipped = ann.parse_list(path, NAMES, on_unknown="skip")

@@ -23,3 +23,14 @@ def test_reduced_demo_learns_motion(tmp_path):
     with open(tmp_path / "work" / "summary.json") as f:
         assert json.load(f)["best_top1"] == summary["best_top1"]
     assert os.listdir(tmp_path / "work" / "tensorboard")
+
+    # eval.py takes the run itself (its latest checkpoint, with the class names it recorded).
+    # Its one view per video (1 clip, centre crop) is the one training evaluates with: the
+    # same weights on the same frames give the same top-1.
+    from uniformerv2_jax.checkpoint import read_class_names
+    from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES
+    from uniformerv2_jax.evaluation.driver import evaluate_checkpoint
+    assert read_class_names(tmp_path / "work") == list(SYNTHETIC_CLASSES)
+    result = evaluate_checkpoint(c, str(tmp_path / "work"), str(tmp_path / "eval"))
+    assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]
+    assert summary["best_step"] == 240

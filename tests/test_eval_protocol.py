@@ -3,7 +3,6 @@ the per-video scores of the upstream protocol run by hand (recipes.md): test-mod
 indices, short-side resize, ThreeCrop, softmax mean over clips x crops."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -135,3 +134,49 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
     assert on_disk[k] == pytest.approx(want[k])
   assert on_disk["num_views"] == NUM_CLIPS * NUM_CROPS
   assert on_disk["protocol"]["spatial"] == "mmaction2"
+
+
+def _reordered_checkpoint(model, directory, names):
+  """The same model with its classes listed (and its head rows stored) in another order."""
+  from flax import nnx
+
+  from uniformerv2_jax import heads
+  from uniformerv2_jax.checkpoint import WEIGHTS
+  tree = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
+  rows = [CLASSES.index(n) for n in names]  # class i of the new head is old class rows[i]
+  return save_pretrained(str(directory), heads.remap_head(tree, rows), class_names=names,
+                         config=model.config)
+
+
+def test_eval_scores_a_reordered_head_by_class_name(golden, dataset, tmp_path):
+  """A head that lists the dataset's classes in another order (the original repository's
+  Kinetics heads vs mmaction2's lists) is scored by name: the same scores as the original."""
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  model, _ = golden
+  order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]
+  ckpt = _reordered_checkpoint(model, tmp_path / "reordered", [CLASSES[i] for i in order])
+  expected = {name: probs for name, (frames, _) in stored_frames(dataset).items()
+              for probs in [hand_protocol(model, frames)[1]]}
+  messages = []
+  summary = evaluate_checkpoint(_config(), ckpt, str(tmp_path / "out"), builder=dataset,
+                                log=messages.append)
+  assert any("in another order" in m for m in messages), messages
+  results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+  for rec in results:
+    np.testing.assert_allclose(rec["all_scores"], expected[rec["video"]], atol=2e-3)
+    assert rec["label_name"] == CLASSES[rec["label"]]
+  assert summary["num_videos"] == len(VIDEOS)
+
+  # Unchecked (the upstream's behaviour), row i is class i: the scores come out permuted.
+  c = _config()
+  c.eval.match_class_names = False
+  unchecked = evaluate_checkpoint(c, ckpt, str(tmp_path / "raw"), builder=dataset)
+  raw = [json.loads(line) for line in (tmp_path / "raw" / "results.jsonl").read_text().splitlines()]
+  for rec in raw:
+    np.testing.assert_allclose(rec["all_scores"], expected[rec["video"]][order], atol=2e-3)
+  assert unchecked["num_videos"] == len(VIDEOS)
+
+  # Names that are not the dataset's classes: one clear error before anything runs.
+  other = save_pretrained(str(tmp_path / "other"), model, class_names=CLASSES[:9] + ["class 99"])
+  with pytest.raises(EvalConfigError, match="class names are not the dataset's"):
+    evaluate_checkpoint(_config(), other, str(tmp_path / "x"), builder=dataset)

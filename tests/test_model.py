@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from conftest import GOLDEN, golden_case, rel_err, torch_input_to_jax
-from uniformerv2_jax import (CheckpointMismatchError, UniFormerV2, from_torch_state_dict,
+from uniformerv2_jax import (CheckpointMismatchError, from_torch_state_dict,
                              model_config)
 from uniformerv2_jax.torch_layout import canonical_state_dict, torch_shapes
 from uniformerv2_jax.weights import (abstract_model, count_params, flatten, model_from_tree,

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -98,3 +97,40 @@ def test_train_step_with_on_device_randaugment(tmp_path):
                         "train.checkpoint_every_steps": 100})
   summary = train_and_evaluate(config, str(tmp_path))
   assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+
+
+def test_run_reads_as_a_model(runs, tmp_path):
+  """eval.py, init_from and the exporters take a run's checkpoint: its weights (saved sharded
+  over 8 devices), its model config, never its optimiser state."""
+  import jax
+
+  from uniformerv2_jax.checkpoint import CheckpointError, load_pretrained, load_weights_tree
+  _, d8, _ = runs
+  saved = np.load(d8 / "params.npz")
+
+  def assert_saved(tree):
+    flat = {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    assert sorted(flat) == sorted(k for k in saved.files if k != "step")
+    for k, v in flat.items():
+      np.testing.assert_array_equal(v, saved[k], err_msg=k)
+
+  cfg, tree, names = load_weights_tree(d8)  # WORKDIR: its latest step, 4
+  assert_saved(tree)
+  assert (cfg.width, cfg.layers, cfg.num_classes, cfg.scan_layers) == (32, 2, 5, False)
+  assert names is None  # fake data has no class names
+
+  out = subprocess.run([sys.executable, "-m", "convert", "checkpoint", "--input",
+                        str(d8 / "checkpoints" / "4"), "--output", str(tmp_path / "model")],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stderr
+  from flax import nnx
+  from uniformerv2_jax.checkpoint import WEIGHTS
+  model = load_pretrained(tmp_path / "model", scan_layers=True)  # a model directory now
+  from uniformerv2_jax.weights import unstack_layers
+  assert_saved(unstack_layers(nnx.to_pure_dict(nnx.state(model, WEIGHTS))))
+
+  empty = tmp_path / "fresh"
+  (empty / "checkpoints").mkdir(parents=True)
+  with pytest.raises(CheckpointError, match="without a finished checkpoint"):
+    load_pretrained(empty)

@@ -10,6 +10,11 @@
 it into place only when complete, so a failed or interrupted save never leaves
 something that looks like a checkpoint. `load_pretrained(DIR, mesh=...)` restores
 each array straight into its NamedSharding (no full copy on one host).
+
+The readers (`load_pretrained`, `read_config`, `read_class_names`, `stored_shapes`,
+`restore_weights`, `load_weights_tree`) also take a training run: `WORKDIR` (its latest
+checkpoint) or `WORKDIR/checkpoints/STEP`; they read its weights and the model config and
+class names the run recorded, never its optimiser state.
 """
 
 from __future__ import annotations
@@ -145,14 +150,40 @@ def _require(directory: str) -> str:
   missing = [n for n in (CONFIG_FILE, WEIGHTS_DIR) if not os.path.exists(os.path.join(directory, n))]
   if missing:
     raise CheckpointError(
-        f"{directory} is not a UniFormerV2 model directory (missing {', '.join(missing)}); "
-        "create one with `python -m convert clip|uniformerv2 ... --output DIR` or "
-        "save_pretrained()")
+        f"{directory} is not a UniFormerV2 model directory (missing {', '.join(missing)}) nor a "
+        "training workdir (checkpoints/); create one with `python -m convert clip|uniformerv2 "
+        "... --output DIR` or save_pretrained()")
   return directory
 
 
+def _source(directory: str) -> tuple[str, str]:
+  """("model", DIR) for a model directory, ("train", STEP_DIR) for a training checkpoint.
+
+  A training checkpoint is `WORKDIR` (its latest step) or `WORKDIR/checkpoints/STEP`.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+    from uniformerv2_jax.training.checkpointing import step_directory
+    step_dir = step_directory(directory) if os.path.isdir(directory) else None
+    if step_dir is not None:
+      return "train", step_dir
+  return "model", _require(directory)
+
+
+def _train_config(step_dir: str) -> ModelConfig:
+  from uniformerv2_jax.training.checkpointing import read_meta
+  try:
+    return ModelConfig.from_dict(read_meta(step_dir)["model_config"]).replace(scan_layers=False)
+  except (KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{step_dir}: unreadable model config in the checkpoint's meta: "
+                          f"{e}") from None
+
+
 def read_config(directory: str) -> ModelConfig:
-  directory = _require(directory)
+  """The model config of a model directory or a training checkpoint (unscanned layout)."""
+  kind, directory = _source(directory)
+  if kind == "train":
+    return _train_config(directory)
   path = os.path.join(directory, CONFIG_FILE)
   try:
     with open(path) as f:
@@ -162,7 +193,11 @@ def read_config(directory: str) -> ModelConfig:
 
 
 def read_class_names(directory: str) -> list[str] | None:
-  path = os.path.join(_require(directory), CLASS_NAMES_FILE)
+  kind, directory = _source(directory)
+  if kind == "train":
+    from uniformerv2_jax.training.checkpointing import read_meta
+    return read_meta(directory).get("class_names")
+  path = os.path.join(directory, CLASS_NAMES_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -172,7 +207,12 @@ def read_class_names(directory: str) -> list[str] | None:
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """{flat key: (shape, dtype name)} from the Orbax metadata (reads no array data)."""
   import orbax.checkpoint as ocp
-  path = os.path.join(_require(directory), WEIGHTS_DIR)
+  kind, directory = _source(directory)
+  if kind == "train":  # the run's own config describes its weights (one writer, one step)
+    cfg = _train_config(directory)
+    return {_key(p): (tuple(s.shape), np.dtype(s.dtype).name)
+            for p, s in flatten(weight_shapes(cfg)).items()}
+  path = os.path.join(directory, WEIGHTS_DIR)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.metadata(path).item_metadata.tree
@@ -230,13 +270,17 @@ def _abstract_target(cfg: ModelConfig, mesh, rules) -> tuple[nnx.Module, dict]:
 
 
 def restore_weights(directory: str, target: Mapping | None = None) -> dict:
-  """The pure weight tree of a model directory, UNSCANNED.
+  """The pure weight tree of a model directory or training checkpoint, UNSCANNED.
 
   `target`: an unscanned pure dict of `jax.ShapeDtypeStruct` (with `sharding` to restore
   sharded, with a dtype to cast); None restores numpy arrays as stored.
   """
   import orbax.checkpoint as ocp
-  directory = _require(directory)
+  kind, directory = _source(directory)
+  if kind == "train":
+    from uniformerv2_jax.training import checkpointing
+    tree = checkpointing.restore_weights(directory)
+    return tree if target is None else jax.tree.map(_place, tree, target)
   path = os.path.join(directory, WEIGHTS_DIR)
   stored = stored_shapes(directory)
   if target is None:
@@ -252,9 +296,20 @@ def restore_weights(directory: str, target: Mapping | None = None) -> dict:
   return unflat_weights(flat)
 
 
+def _place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array (the same on every process) -> a jax.Array shaped, typed and placed as target."""
+  array = np.asarray(array, target.dtype)
+  if target.sharding is None:
+    return jnp.asarray(array)
+  return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
+
+
 def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_layers=None,
                     head_map=None, **config_overrides):
-  """A ready `UniFormerV2` from a model directory.
+  """A ready `UniFormerV2` from a model directory or a training checkpoint.
+
+  directory: a model directory, a training workdir (its latest checkpoint) or one step of
+  it, `WORKDIR/checkpoints/STEP` (only the weights are read, not the optimiser state).
 
   dtype: computation dtype (cfg.dtype); pass `param_dtype=` to change the storage dtype
   of the parameters (they are cast while restoring). scan_layers: stack the backbone
@@ -264,7 +319,6 @@ def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_l
   Other keyword arguments override config fields that do not change weight shapes
   (t_size, drop_path_rate, cls_dropout, remat, attention, ...).
   """
-  directory = _require(directory)
   stored_cfg = read_config(directory)
   overrides = dict(config_overrides)
   if dtype is not None:

@@ -3,7 +3,8 @@
 The config follows the shared schema (``configs/common.py``): ``config.dataset`` picks the TFDS
 dataset and split, ``config.input`` the clip length and crop size, ``config.eval`` the views
 (``num_clips``, ``num_crops``, ``spatial``), ``per_device_batch``, ``head_map`` (read a
-Kinetics-710 head as K400/K600/K700 without converting) and ``save_scores``; ``config.mesh`` the
+Kinetics-710 head as K400/K600/K700 without converting), ``match_class_names`` (score a head
+that lists the dataset's classes in another order by name) and ``save_scores``; ``config.mesh`` the
 device mesh; ``config.model`` may override speed knobs (dtype, scan_layers, remat, attention).
 """
 
@@ -48,19 +49,60 @@ def class_names_for(config, checkpoint: str, num_classes: int):
   return names if names is not None and len(names) == num_classes else None
 
 
-def load_model(config, checkpoint: str, mesh):
-  from uniformerv2_jax.checkpoint import load_pretrained
+def match_classes(head_names, data_names, checkpoint: str) -> np.ndarray | None:
+  """Head row of each dataset class when the head lists the dataset's classes in another order.
+
+  None when the orders agree, or either list is unknown, or the counts differ (load_model says
+  so). Names match exactly or through the Kinetics aliases (`heads.aliases`); a head whose
+  classes are not the dataset's is an error.
+  """
+  if (head_names is None or data_names is None or len(head_names) != len(data_names)
+      or list(head_names) == list(data_names)):
+    return None
+  from uniformerv2_jax import heads
+  try:
+    rows = heads.index_map_from_names(head_names, data_names)
+  except ValueError as e:
+    why = str(e)
+    rows = None
+  if rows is None:
+    differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(head_names, data_names))
+              if a != b]
+    raise EvalConfigError(
+        f"{checkpoint}: the head's class names are not the dataset's ({why}; first "
+        f"differences, head vs dataset: {differ[:3]}). Scores would be compared with the wrong "
+        "labels. Give the checkpoint the class list its head was trained with (`python -m "
+        "convert ... --class-names FILE`), set --config.eval.head_map, or, if only the wording "
+        "differs and row i is class i, --config.eval.match_class_names=False.")
+  return None if np.array_equal(rows, np.arange(len(rows))) else rows
+
+
+def load_model(config, checkpoint: str, mesh, data_names=None, log=print):
+  """The model, its head's rows put in the dataset's class order; and the head's class names."""
+  from uniformerv2_jax import heads
+  from uniformerv2_jax.checkpoint import load_pretrained, read_config
   overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
   overrides["t_size"] = int(config.input.clip_len)
-  model = load_pretrained(checkpoint, mesh=mesh, head_map=_get(config.eval, "head_map"),
-                          **overrides)
+  head_map = _get(config.eval, "head_map")
+  rows = None if head_map is None else heads.load_index_map(head_map)
+  num_classes = len(rows) if rows is not None else read_config(checkpoint).num_classes
+  names = class_names_for(config, checkpoint, num_classes)
+  if _get(config.eval, "match_class_names", True):
+    order = match_classes(names, data_names, checkpoint)
+    if order is not None:
+      log(f"eval: {checkpoint} lists the dataset's {len(order)} classes in another order; its "
+          "head rows are taken by class name (--config.eval.match_class_names=False: row i is "
+          "class i)")
+      rows, names = (order if rows is None else rows[order]), list(data_names)
+  model = load_pretrained(checkpoint, mesh=mesh, head_map=None if rows is None else
+                          [int(r) for r in rows], **overrides)
   want = _get(config.dataset, "num_classes")
   if want and model.config.num_classes != want:
     hint = (" Set --config.eval.head_map=k400|k600|k700 to read a Kinetics-710 head."
             if model.config.num_classes == 710 else "")
     raise EvalConfigError(f"{checkpoint}: the model has {model.config.num_classes} classes but "
                      f"config.dataset.num_classes={want}.{hint}")
-  return model
+  return model, names
 
 
 class EvalConfigError(ValueError):
@@ -91,17 +133,19 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   Writes ``WORKDIR/results.jsonl`` and ``WORKDIR/summary.json`` when ``workdir`` is given.
   """
   from uniformerv2_jax import data
+  from uniformerv2_jax.training.data_io import class_names as dataset_class_names
+  _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))
-  model = load_model(config, checkpoint, mesh)
-  spatial = _get(ev, "spatial", "mmaction2")
-  num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
-  num_views = num_clips * num_crops
-  per_host = global_batch_size(mesh, int(ev.per_device_batch)) // jax.process_count()
   if builder is None:
     from uniformerv2_jax.training.data_io import source
     builder = source(config)
   builder = data.load_builder(builder)
+  model, names = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log)
+  spatial = _get(ev, "spatial", "mmaction2")
+  num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
+  num_views = num_clips * num_crops
+  per_host = global_batch_size(mesh, int(ev.per_device_batch)) // jax.process_count()
   split = config.dataset.eval_split
   num_videos = builder.info.splits[split].num_examples
   ds = data.eval_dataset(builder, split, clip_len=int(config.input.clip_len),
@@ -120,13 +164,11 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   extra = dict(checkpoint=os.path.abspath(checkpoint), dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), protocol=protocol, devices=jax.device_count(),
                processes=jax.process_count())
-  names = class_names_for(config, checkpoint, model.config.num_classes)
   if workdir is None:
     return dict(result.metrics, num_videos=len(result.video_ids), num_views=num_views, **extra)
   vnames = video_names(builder, split, result.video_ids) if jax.process_index() == 0 else None
   summary = write_results(workdir, result, summary_extra=extra, class_names=names,
                           video_names=vnames, save_scores=bool(_get(ev, "save_scores", False)))
-  _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   if jax.process_index() == 0:
     _log(f"eval: top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} mean class accuracy "
          f"{summary['mean_class_accuracy']:.4f} -> {os.path.join(workdir, 'summary.json')}")

@@ -84,3 +84,56 @@ class PreemptionWatcher:
       except RuntimeError:  # preemption service not running
         return False
     return self._flag.is_set()
+
+
+# ---------------------------------------------------------------------------------------
+# A training checkpoint read as a model (eval.py, init_from, `convert export/workdir`).
+
+def step_directory(path: str) -> str | None:
+  """`WORKDIR` (its latest checkpoint) or `WORKDIR/checkpoints/STEP` -> that step's directory.
+
+  None when `path` is neither. Only finished checkpoints count: Orbax writes a step under a
+  temporary name and renames it to the bare step number when complete.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if all(os.path.isdir(os.path.join(path, item)) for item in ("state", "meta")):
+    return path
+  root = os.path.join(path, "checkpoints")
+  if not os.path.isdir(root):
+    return None
+  steps = [int(n) for n in os.listdir(root)
+           if n.isdigit() and os.path.isdir(os.path.join(root, n, "state"))]
+  if not steps:
+    from uniformerv2_jax.checkpoint import CheckpointError
+    raise CheckpointError(f"{path} is a training workdir without a finished checkpoint; wait "
+                          "for the first save (train.checkpoint_every_steps) or name a step "
+                          "directory, WORKDIR/checkpoints/STEP")
+  return os.path.join(root, str(max(steps)))
+
+
+def read_meta(step_dir: str) -> dict:
+  """The `meta` item of a checkpoint: step, data position, model config, class names."""
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+    return ckptr.restore(os.path.join(step_dir, "meta"))
+
+
+def restore_weights(step_dir: str) -> dict:
+  """Params + batch stats of a checkpoint as one numpy tree, UNSCANNED (no optimiser state).
+
+  Reads only those two parts of the state: a partial restore, on the host.
+  """
+  import numpy as np
+  from flax import nnx
+
+  from uniformerv2_jax.config import ModelConfig
+  from uniformerv2_jax.training.state import unscanned_weights
+  from uniformerv2_jax.weights import abstract_model
+  cfg = ModelConfig.from_dict(read_meta(step_dir)["model_config"])
+  _, params, stats, _ = nnx.split(abstract_model(cfg), nnx.Param, nnx.BatchStat, ...)
+  item = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+  item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), item)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True))
+  return unscanned_weights(out)

@@ -35,6 +35,13 @@ def source(config):
   return data.load_builder(dataset_dir(config))
 
 
+def class_names(builder) -> list[str] | None:
+  """The dataset's label names (checkpoints record them: evaluation checks the class order)."""
+  label = builder.info.features["label"] if builder is not None else None
+  names = list(getattr(label, "names", None) or [])
+  return names if names and names != [str(i) for i in range(len(names))] else None
+
+
 def steps_per_epoch(config, builder, per_host: int) -> int:
   """Train steps per epoch (every host reads n / process_count videos)."""
   n = split_size(config, builder, config.dataset.train_split)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from uniformerv2_jax import sharding as shd
@@ -134,12 +131,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
   shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
-  meta_base = {"model_config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch}
-  history, best = [], 0.0
+  meta_base = {"model_config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
+               "class_names": data_io.class_names(builder)}
+  history, best, best_step = [], 0.0, None
   latest = ckpt.latest_step()
   if latest is not None:
     state, meta = ckpt.restore(state_shapes(mdef, tx, cfg.frozen), shardings, latest)
     history, best = meta.get("history", []), meta.get("best_top1", 0.0)
+    best_step = meta.get("best_step")
     log(f"Resumed from {ckpt.directory} step {latest}")
   else:
     state, _ = create_train_state(mdef, tx, mesh, seed=tc.seed, frozen=cfg.frozen,
@@ -201,13 +200,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ev = None
     if is_eval:
       ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
-      best = max(best, ev["top1"])
+      if best_step is None or ev["top1"] > best:
+        best, best_step = ev["top1"], step
       history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"]})
       log(f"eval step {step}: top1 {ev['top1']:.4f} loss {ev['loss']:.4f} "
           f"({int(ev['count'])} clips, 1 view) best {best:.4f}")
       writer.scalars(step, {"eval/top1": ev["top1"], "eval/loss": ev["loss"]})
     if is_ckpt or preempted:
-      meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best)
+      meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
+                  best_step=best_step)
       ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
       last_good = step
     if preempted:
@@ -216,12 +217,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   summary = {"final_top1": history[-1]["top1"] if history else None, "best_top1": best,
+             "best_step": best_step, "checkpoints": ckpt.directory,
              "steps": step, "total_steps": total_steps, "wall_seconds": time.time() - t0,
              "preempted": preempted, "history": history,
              "final_train_loss": float(jax.device_get(metrics["loss"])) if metrics else None}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
+    if best_step is not None:
+      log(f"Evaluate or convert the weights: eval.py --checkpoint={workdir} (latest step) or "
+          f"--checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
   return summary
 
 

@@ -7,8 +7,6 @@ device inside the step. A global batch may be split into `grad_accum_steps` micr
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
