@@ -26,11 +26,6 @@ def _read_class_names(path: str | None) -> list[str] | None:
     return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def _cast(tree: Mapping, dtype) -> dict:
-  import jax
-  return jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), dict(tree))
-
-
 def _own_leaves(tree: dict, dtype) -> dict:
   """Replaces, IN PLACE and one leaf at a time, views into torch buffers by contiguous copies.
 
@@ -47,24 +42,36 @@ def _own_leaves(tree: dict, dtype) -> dict:
   return tree
 
 
-def _init_weights(cfg, seed: int) -> dict:
+def _init_weights(cfg, seed: int, paths: tuple | None) -> dict | tuple:
   from flax import nnx
 
   from uniformerv2_jax.model import UniFormerV2
-  from uniformerv2_jax.weights import WEIGHTS
-  return nnx.to_pure_dict(nnx.state(UniFormerV2(cfg, rngs=nnx.Rngs(seed)), WEIGHTS))
+  from uniformerv2_jax.weights import WEIGHTS, flatten
+  tree = nnx.to_pure_dict(nnx.state(UniFormerV2(cfg, rngs=nnx.Rngs(seed)), WEIGHTS))
+  if paths is None:
+    return tree
+  flat = flatten(tree)
+  return tuple(flat[p] for p in paths)
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_init():
   import jax
-  return jax.jit(_init_weights, static_argnums=(0, 1))
+  return jax.jit(_init_weights, static_argnums=(0, 1, 2))
 
 
-def fresh_weights(cfg, seed: int) -> dict:
-  """Weights of `UniFormerV2(cfg, rngs=nnx.Rngs(seed))`, initialised in one compiled call."""
+def fresh_weights(cfg, seed: int, only=None) -> dict:
+  """Weights of `UniFormerV2(cfg, rngs=nnx.Rngs(seed))`, initialised in one compiled call.
+
+  only: a set of weight paths; returns just those, as {path: array}. The values are the same
+  (one traced initialisation), and XLA computes nothing else: converting a CLIP L/14 tower
+  then never holds a second, random backbone.
+  """
   import jax
-  return jax.tree.map(np.asarray, _jitted_init()(cfg, int(seed)))
+  if only is None:
+    return jax.tree.map(np.asarray, _jitted_init()(cfg, int(seed), None))
+  paths = tuple(sorted(only, key=str))
+  return {p: np.asarray(a) for p, a in zip(paths, _jitted_init()(cfg, int(seed), paths))}
 
 
 def convert_clip_file(input_path: str, model: str, output: str, *, sets: Mapping[str, Any] = (),
@@ -83,8 +90,9 @@ def convert_clip_file(input_path: str, model: str, output: str, *, sets: Mapping
   cfg = cfg.replace(scan_layers=False, dtype="float32", param_dtype="float32")
   log(f"{input_path}: CLIP image tower, width {cfg.width}, {cfg.layers} layers, patch "
       f"{cfg.patch_size}; initialising the rest with seed {seed}")
-  init = _cast(fresh_weights(cfg, seed), np.float32)
-  tree = clip.convert_clip(tower, cfg, init, input_path, log=log)
+  tree = clip.convert_clip(tower, cfg, lambda paths: fresh_weights(cfg, seed, paths),
+                           input_path, log=log)
+  del tensors, tower  # the torch file's (memory-mapped) tensors: not needed while writing
   out = save_pretrained(output, tree, class_names, config=cfg, overwrite=overwrite)
   log(f"wrote {out}")
   return out

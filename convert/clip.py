@@ -68,9 +68,14 @@ def resize_pos_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
   return np.concatenate([cls, x], axis=0)
 
 
-def convert_clip(tensors: Mapping[str, Any], cfg: ModelConfig, init_tree: Mapping,
-                 source: str, log: Callable[[str], None] = print) -> dict:
-  """CLIP tensors + a freshly initialised weight tree -> the initial UniFormerV2 tree."""
+def convert_clip(tensors: Mapping[str, Any], cfg: ModelConfig,
+                 init: Callable[[frozenset], Mapping[tuple, Any]], source: str,
+                 log: Callable[[str], None] = print) -> dict:
+  """CLIP tensors -> the initial UniFormerV2 tree; `init(paths)` gives the other weights.
+
+  `init` returns {path: array} for the weight paths the tower does not hold (the upstream
+  initialisation: `convert.fresh_weights(cfg, seed, paths)`).
+  """
   tower = image_tower(tensors, source)
   conv = to_numpy(tower["conv1.weight"])
   kt = cfg.kernel_size if cfg.temporal_downsample else 1
@@ -90,7 +95,6 @@ def convert_clip(tensors: Mapping[str, Any], cfg: ModelConfig, init_tree: Mappin
   rules = [r for r in backbone_rules(cfg) if ".lmhra" not in r.torch]
   expected = flatten(weight_shapes(cfg))
   found = apply_rules(rules, tower, expected, source=source)
-  flat = dict(flatten(init_tree))
-  for path, value in found.items():
-    flat[path] = value.astype(np.asarray(flat[path]).dtype, copy=False)
-  return nest(flat)
+  fresh = init(frozenset(expected) - set(found))
+  return nest({path: np.asarray(found[path] if path in found else fresh[path]).astype(
+      s.dtype, copy=False) for path, s in expected.items()})

@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,7 +139,11 @@ def test_inflate_conv1_puts_kernel_on_centre_tap():
 def test_clip_resolution_change_resizes_pos_embedding():
   _, cfg = golden_case("tiny_clip")
   cfg = model_config(None, **{**cfg, "input_resolution": 48})
-  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), weight_shapes(cfg))
+  shapes = flatten(weight_shapes(cfg))
+
+  def zeros(paths):
+    return {p: np.zeros(shapes[p].shape, shapes[p].dtype) for p in paths}
+
   src_sd = torch.load(GOLDEN / "tiny_clip_visual.pth", weights_only=True)
   logs = []
   tree = convert_clip(src_sd, cfg, zeros, "tiny_clip_visual.pth", log=logs.append)
