@@ -57,3 +57,13 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path):
   assert int(a["step"]) == int(b["step"]) == 6
   for k in a.files:
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+
+  # The run the two hosts wrote reads on one process (eval.py, convert on a workstation).
+  import jax
+
+  from uniformerv2_jax.checkpoint import load_weights_tree
+  _, tree, _ = load_weights_tree(full)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  assert sorted(jax.tree_util.keystr(p) for p, _ in flat) == sorted(k for k in a.files if k != "step")
+  for path, leaf in flat:
+    np.testing.assert_array_equal(np.asarray(leaf), a[jax.tree_util.keystr(path)])
