@@ -109,6 +109,14 @@ def test_init_checkpoint_of_another_model(tmp_path):
     check(c, n_devices=1)
 
 
+def test_url_workdir_is_refused_before_anything(tmp_path, monkeypatch):
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match="--workdir gs://bucket/run: URLs are not supported"):
+    train_and_evaluate(tiny(), "gs://bucket/run")
+  assert not os.listdir(tmp_path)  # no local "gs:" folder
+
+
 def test_train_py_reports_bad_config_without_traceback(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/demo.py",

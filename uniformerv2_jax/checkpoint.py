@@ -44,6 +44,21 @@ class CheckpointError(ValueError):
   """A model directory that is missing, incomplete or does not fit the requested model."""
 
 
+def local_path(path, what: str = "path") -> str:
+  """The absolute path; a URL (gs://, s3://) is refused with one message saying what to do.
+
+  Model directories and training workdirs live on a filesystem (renames make their writes
+  atomic); multi-host runs need one that every host shares.
+  """
+  path = os.fspath(path)
+  if "://" in path:
+    raise CheckpointError(
+        f"{what} {path}: URLs are not supported for model directories and workdirs; mount the "
+        "bucket (e.g. gcsfuse) or use a shared filesystem (NFS, Filestore) and pass its path "
+        "(multi-host runs need a path every host sees)")
+  return os.path.abspath(path)
+
+
 # ---------------------------------------------------------------------------------------
 # Flat string keys <-> the pure-dict tree (whose list indices are ints).
 
@@ -105,7 +120,7 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
     config = model.config if config is None else config
   if config is None:
     raise ValueError("save_pretrained(tree): pass config= for a pure weight tree")
-  directory = os.path.abspath(os.fspath(directory))
+  directory = local_path(directory, "output")
   if os.path.exists(directory) and not overwrite:
     raise CheckpointError(f"{directory} already exists; choose a new output directory "
                           "(or pass overwrite=True / --overwrite)")
@@ -144,7 +159,7 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
 # Reading.
 
 def _require(directory: str) -> str:
-  directory = os.path.abspath(os.fspath(directory))
+  directory = local_path(directory, "model directory")
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no such model directory")
   missing = [n for n in (CONFIG_FILE, WEIGHTS_DIR) if not os.path.exists(os.path.join(directory, n))]
@@ -161,7 +176,7 @@ def _source(directory: str) -> tuple[str, str]:
 
   A training checkpoint is `WORKDIR` (its latest step) or `WORKDIR/checkpoints/STEP`.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = local_path(directory, "checkpoint")
   if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
     from uniformerv2_jax.training.checkpointing import step_directory
     step_dir = step_directory(directory) if os.path.isdir(directory) else None

@@ -40,7 +40,9 @@ def load_builder(data_dir_or_builder):
     if hasattr(data_dir_or_builder, "builder"):  # synthetic.PreparedDataset
         return data_dir_or_builder.builder
     root = os.fspath(data_dir_or_builder)
-    found = sorted(dirpath for dirpath, _, files in os.walk(root) if "dataset_info.json" in files)
+    # tf.io.gfile: local paths and the object stores TFDS reads (gs://, s3://)
+    found = sorted(dirpath for dirpath, _, files in tf.io.gfile.walk(root)
+                   if "dataset_info.json" in files)
     if len(found) != 1:
         raise ValueError(f"{root}: expected exactly one built dataset (a folder with "
                          f"dataset_info.json) below it, found {len(found)}: {found[:5]}; pass "

@@ -87,7 +87,7 @@ class PreemptionWatcher:
 
 
 # ---------------------------------------------------------------------------------------
-# A training checkpoint read as a model (eval.py, init_from, `convert export/workdir`).
+# A training checkpoint read as a model (eval.py, init_from, `convert export|checkpoint`).
 
 def step_directory(path: str) -> str | None:
   """`WORKDIR` (its latest checkpoint) or `WORKDIR/checkpoints/STEP` -> that step's directory.

@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.checkpoint import CheckpointError, local_path
 from uniformerv2_jax.config import model_config
 from uniformerv2_jax.training import config_check, data_io
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher
@@ -113,7 +114,10 @@ def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json."""
   t0 = time.time()
-  workdir = os.path.abspath(workdir)
+  try:
+    workdir = local_path(workdir, "--workdir")
+  except CheckpointError as e:
+    raise config_check.ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
   config_check.check(config)  # before anything is compiled
   cfg = build_model_config(config)
