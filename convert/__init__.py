@@ -1,4 +1,4 @@
-"""PyTorch <-> JAX converters for UniFormerV2: `python -m convert clip|uniformerv2|export|checkpoint`.
+"""Converters: PyTorch <-> JAX model directories, and training runs -> model directories.
 
 The functions here are the command line's bodies, usable from Python too.
 """
