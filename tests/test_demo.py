@@ -33,4 +33,5 @@ def test_reduced_demo_learns_motion(tmp_path):
     assert read_class_names(tmp_path / "work") == list(SYNTHETIC_CLASSES)
     result = evaluate_checkpoint(c, str(tmp_path / "work"), str(tmp_path / "eval"))
     assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]
+    assert result["checkpoint"] == str(tmp_path / "work" / "checkpoints" / "240")  # the step read
     assert summary["best_step"] == 240

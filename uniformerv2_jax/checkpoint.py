@@ -185,6 +185,11 @@ def _source(directory: str) -> tuple[str, str]:
   return "model", _require(directory)
 
 
+def resolve(directory: str) -> str:
+  """The directory a reader will read: the model directory, or the training step (latest)."""
+  return _source(directory)[1]
+
+
 def _train_config(step_dir: str) -> ModelConfig:
   from uniformerv2_jax.training.checkpointing import read_meta
   try:
@@ -401,5 +406,6 @@ def flat_weights_shapes(tree: Mapping) -> dict[str, tuple]:
   return {k: np.shape(v) for k, v in flat_weights(tree).items()}
 
 
-__all__ = ["save_pretrained", "load_pretrained", "read_config", "read_class_names",
-           "restore_weights", "stored_shapes", "load_weights_tree", "CheckpointError"]
+__all__ = ["save_pretrained", "load_pretrained", "read_config", "read_class_names", "resolve",
+           "restore_weights", "stored_shapes", "load_weights_tree", "local_path",
+           "CheckpointError"]

@@ -133,7 +133,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   Writes ``WORKDIR/results.jsonl`` and ``WORKDIR/summary.json`` when ``workdir`` is given.
   """
   from uniformerv2_jax import data
-  from uniformerv2_jax.checkpoint import local_path
+  from uniformerv2_jax.checkpoint import local_path, resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
   if workdir is not None:
     workdir = local_path(workdir, "--workdir")
@@ -164,7 +164,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
     raise RuntimeError(f"evaluated {len(result.video_ids)} videos but {split} has {num_videos}")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size))
-  extra = dict(checkpoint=os.path.abspath(checkpoint), dataset=config.dataset.name, split=split,
+  extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), protocol=protocol, devices=jax.device_count(),
                processes=jax.process_count())
   if workdir is None:
