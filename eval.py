@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from uniformerv2_jax import distributed  # noqa: E402
@@ -36,6 +36,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines off the console
   distributed.maybe_initialize()
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint

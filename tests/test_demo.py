@@ -35,3 +35,4 @@ def test_reduced_demo_learns_motion(tmp_path):
     assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]
     assert result["checkpoint"] == str(tmp_path / "work" / "checkpoints" / "240")  # the step read
     assert summary["best_step"] == 240
+    assert (tmp_path / "work" / "checkpoints" / "240").is_dir()

@@ -204,8 +204,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ev = None
     if is_eval:
       ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
-      if best_step is None or ev["top1"] > best:
-        best, best_step = ev["top1"], step
+      if best_step is None or ev["top1"] >= best:  # a tie goes to the later step, as the
+        best, best_step = ev["top1"], step          # checkpoint manager's BestN keeps it
       history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"]})
       log(f"eval step {step}: top1 {ev['top1']:.4f} loss {ev['loss']:.4f} "
           f"({int(ev['count'])} clips, 1 view) best {best:.4f}")
@@ -228,7 +228,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
-    if best_step is not None:
+    if best_step is not None and os.path.isdir(os.path.join(ckpt.directory, str(best_step))):
       log(f"Evaluate or convert the weights: eval.py --checkpoint={workdir} (latest step) or "
           f"--checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
   return summary
