@@ -60,6 +60,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       max_eval_batches=ml_collections.FieldReference(None, field_type=int),
   ))
   c.init_from = ml_collections.FieldReference(None, field_type=str)
+  # The classifier (head.fc) starts from the seeded initialisation instead of init_from's:
+  # a CLIP tower has no classifier, and MiT's 339 classes are not its K400 source's. (The
+  # upstream's loader skips weights whose shapes differ; this names the one part that may.)
+  c.init_new_head = False
   c.head_map = ml_collections.FieldReference(None, field_type=str)
   # Mesh axis sizes (one may be -1: all remaining devices). Tensors with fewer elements than
   # min_fsdp_size stay replicated on the fsdp axis (uniformerv2_jax.sharding.MIN_FSDP_SIZE).
@@ -75,8 +79,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def recipe(*, model, dataset, num_classes, clip_len, crop_size, batch, lr, warmup, epochs,
-           init_from=None, head_map=None, flip=True, num_samples=1, views=(4, 3),
-           model_overrides=None) -> ml_collections.ConfigDict:
+           init_from=None, head_map=None, new_head=False, flip=True, num_samples=1,
+           views=(4, 3), model_overrides=None) -> ml_collections.ConfigDict:
   """One row of the recipes table as a config."""
   c = get_base_config()
   c.model.name = model
@@ -96,6 +100,7 @@ def recipe(*, model, dataset, num_classes, clip_len, crop_size, batch, lr, warmu
   c.train.epochs = epochs
   c.init_from = init_from
   c.head_map = head_map
+  c.init_new_head = new_head
   c.eval.num_clips, c.eval.num_crops = views
   return c
 

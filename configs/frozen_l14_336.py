@@ -7,5 +7,5 @@ from configs.common import recipe
 def get_config():
   return recipe(model="l14_336", dataset="kinetics710", num_classes=710, clip_len=8,
                 crop_size=336, batch=512, lr=8e-4, warmup=0, epochs=50,
-                init_from="pretrained/clip_l14_336", views=(3, 1),
+                init_from="pretrained/clip_l14_336", new_head=True, views=(3, 1),
                 model_overrides=dict(frozen=True))

@@ -5,4 +5,5 @@ from configs.common import recipe
 
 def get_config():
   return recipe(model="l14", dataset="kinetics710", num_classes=710, clip_len=8, crop_size=224,
-                batch=512, lr=1e-5, warmup=5, epochs=40, init_from="pretrained/clip_l14")
+                batch=512, lr=1e-5, warmup=5, epochs=40, init_from="pretrained/clip_l14",
+                new_head=True)

@@ -6,4 +6,4 @@ from configs.common import REMAT, recipe
 def get_config():
   return recipe(model="l14_336", dataset="kinetics710", num_classes=710, clip_len=8, crop_size=336,
                 batch=256, lr=5e-6, warmup=5, epochs=40, init_from="pretrained/clip_l14_336",
-                model_overrides=REMAT)
+                new_head=True, model_overrides=REMAT)

@@ -5,4 +5,5 @@ from configs.common import recipe
 
 def get_config():
   return recipe(model="b16", dataset="mit", num_classes=339, clip_len=8, crop_size=224,
-                batch=512, lr=2e-5, warmup=5, epochs=24, init_from="pretrained/k400_b16")
+                batch=512, lr=2e-5, warmup=5, epochs=24, init_from="pretrained/k400_b16",
+                new_head=True)

@@ -5,4 +5,5 @@ from configs.common import recipe
 
 def get_config():
   return recipe(model="l14", dataset="mit", num_classes=339, clip_len=8, crop_size=224,
-                batch=512, lr=1e-5, warmup=5, epochs=18, init_from="pretrained/k400_l14")
+                batch=512, lr=1e-5, warmup=5, epochs=18, init_from="pretrained/k400_l14",
+                new_head=True)

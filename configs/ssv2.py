@@ -11,5 +11,6 @@ def ssv2(model: str, frames: int):
     overrides.update(REMAT)
   return recipe(model=model, dataset="ssv2", num_classes=174, clip_len=frames, crop_size=224,
                 batch=256, lr=4e-5 if model == "b16" else 2e-5, warmup=5, epochs=22,
-                init_from=f"pretrained/clip_{model}", flip=False, num_samples=2, views=(1, 3),
+                init_from=f"pretrained/clip_{model}_ssv2",  # CLIP converted with SSV2 settings
+                new_head=True, flip=False, num_samples=2, views=(1, 3),
                 model_overrides=overrides)

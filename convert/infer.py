@@ -180,13 +180,16 @@ def resolve_config(model: str, sets: Mapping[str, Any], facts: Mapping[str, tupl
                           f"({model}{' with --set' if sets else ''}): " + "; ".join(conflicts))
   if "n_head" not in explicit and preset is None:
     merged["n_head"] = merged["heads"]
+  if "return_list" in explicit and "n_layers" not in explicit and "n_layers" not in facts:
+    merged["n_layers"] = len(merged["return_list"])  # a CLIP tower: one block per listed layer
   n = merged.get("n_layers")
   if "return_list" not in explicit:
     merged["return_list"] = list(range(merged["layers"] - n, merged["layers"]))
   elif len(merged["return_list"]) != n:
-    raise ConversionError(f"{source} has {n} global blocks (transformer.dec.*) but the config's "
-                          f"return_list {list(merged['return_list'])} has "
-                          f"{len(merged['return_list'])} entries")
+    where = (f"{source} has {n} global blocks (transformer.dec.*)" if "n_layers" in facts
+             else f"the config's n_layers is {n}")
+    raise ConversionError(f"{where} but the config's return_list "
+                          f"{list(merged['return_list'])} has {len(merged['return_list'])} entries")
   if "mlp_dropout" not in explicit:
     merged["mlp_dropout"] = [merged["mlp_dropout"][0]] * n
   try:

@@ -28,6 +28,8 @@ def test_every_recipe_builds_a_model_config(name):
   cfg = model_config(**c.model.to_dict())
   assert cfg.input_resolution == c.input.crop_size and cfg.t_size == c.input.clip_len
   assert cfg.num_classes == c.dataset.num_classes
+  if c.init_from:  # the head is remapped from init_from's (K710 -> K400) or starts new
+    assert bool(c.head_map) != bool(c.init_new_head), (c.head_map, c.init_new_head)
 
 
 # (batch, base lr, warm-up, epochs, views) from the recipes table of shared/recipes.md

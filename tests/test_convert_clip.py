@@ -169,3 +169,16 @@ def test_clip_of_another_model_is_refused(tmp_path):
   assert "tiny_clip_visual.pth" in msg and "width" in msg and "class_embedding" in msg
   assert "layers" in msg
   assert not (tmp_path / "out").exists()
+
+
+def test_return_list_alone_sets_the_number_of_global_blocks(tmp_path):
+  """A CLIP tower holds no global blocks: `--set return_list` decides how many (SSv2 B/16: 8)."""
+  import json
+  _, cfg = golden_case("tiny_clip")
+  path = tmp_path / "cfg.json"
+  path.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("n_layers", "return_list")}))
+  _convert(GOLDEN / "tiny_clip_visual.pth", str(path), tmp_path / "out",
+           sets={"return_list": [0, 1, 2]})
+  c = read_config(tmp_path / "out")
+  assert (tuple(c.return_list), c.n_layers, len(c.mlp_dropout)) == ((0, 1, 2), 3, 3)
+  assert len(restore_weights(tmp_path / "out")["temporal"]["dec"]) == 3

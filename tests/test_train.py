@@ -134,3 +134,48 @@ def test_run_reads_as_a_model(runs, tmp_path):
   (empty / "checkpoints").mkdir(parents=True)
   with pytest.raises(CheckpointError, match="without a finished checkpoint"):
     load_pretrained(empty)
+
+
+def test_new_head_over_another_label_space(tmp_path):
+  """MiT from a K400 model, every recipe from CLIP: the classifier starts from the seed (the
+  upstream's loader skips the mismatched head); every other weight is init_from's."""
+  import jax
+  from flax import nnx
+
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import tiny_config
+  from uniformerv2_jax.checkpoint import load_weights_tree, save_pretrained
+  from uniformerv2_jax.model import UniFormerV2
+  from uniformerv2_jax.training.config_check import ConfigError, check
+  from uniformerv2_jax.training.loop import build_model_config, init_weights, make_mesh
+  from uniformerv2_jax.training.optim import make_optimizer
+  from uniformerv2_jax.training.state import (create_train_state, model_def, random_weights,
+                                              unscanned_weights)
+  config = tiny_config({})
+  cfg = build_model_config(config)
+  save_pretrained(str(tmp_path / "k7"), UniFormerV2(cfg.replace(num_classes=7), rngs=nnx.Rngs(3)))
+  config.init_from = str(tmp_path / "k7")
+  with pytest.raises(ConfigError, match=r"head\.fc.*init_new_head=True"):
+    check(config, n_devices=1)
+  config.head_map, config.init_new_head = "k400", True
+  with pytest.raises(ConfigError, match="set one of them"):
+    check(config, n_devices=1)
+  config.head_map = None
+  check(config, n_devices=1)
+
+  mesh = make_mesh(config)
+  tx, _ = make_optimizer(config.train, 4, 4)
+  state, _ = create_train_state(model_def(cfg, mesh), tx, mesh, seed=config.train.seed,
+                                frozen=False, init_weights=init_weights(config, cfg, mesh),
+                                new_head=True)
+  got = jax.tree_util.tree_flatten_with_path(unscanned_weights(state))[0]
+  source = dict(jax.tree_util.tree_flatten_with_path(load_weights_tree(tmp_path / "k7")[1])[0])
+  fresh = jax.jit(lambda: random_weights(cfg, config.train.seed)[0]["head"]["fc"])()
+  for path, value in got:
+    key = jax.tree_util.keystr(path)
+    if key.startswith("['head']['fc']"):
+      want = fresh[path[-1].key]
+      assert value.shape == want.shape == ((cfg.width, 5) if path[-1].key == "kernel" else (5,))
+    else:
+      want = source[path]
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want), err_msg=key)

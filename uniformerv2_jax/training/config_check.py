@@ -54,6 +54,12 @@ def _init_problems(config, cfg) -> list[str]:
   except CheckpointError as e:
     return [f"config.init_from: {e}"]
   expected = {".".join(map(str, p)): tuple(s.shape) for p, s in flatten(weight_shapes(cfg)).items()}
+  if config.head_map and config.get("init_new_head"):
+    return [f"config.head_map={config.head_map!r} and config.init_new_head=True: the head is "
+            "either remapped from init_from's or new; set one of them"]
+  if config.get("init_new_head"):  # head.fc comes from the seed, whatever init_from holds
+    expected = {k: v for k, v in expected.items() if not k.startswith("head.fc")}
+    stored = {k: v for k, v in stored.items() if not k.startswith("head.fc")}
   if config.head_map:
     from uniformerv2_jax import heads
     try:
@@ -74,7 +80,9 @@ def _init_problems(config, cfg) -> list[str]:
       detail += f"; unexpected {extra[:4]}"
     return [f"config.init_from={config.init_from} holds another model than config.model "
             f"({len(wrong)} mismatched, {len(extra)} unexpected weights: {detail}). Point "
-            "init_from at a checkpoint of this architecture or change config.model"]
+            "init_from at a checkpoint of this architecture or change config.model"
+            + (" (or set config.init_new_head=True to start a new classifier)"
+               if wrong and all(k.startswith("head.fc") for k in wrong) and not extra else "")]
   return []
 
 

@@ -146,7 +146,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log(f"Resumed from {ckpt.directory} step {latest}")
   else:
     state, _ = create_train_state(mdef, tx, mesh, seed=tc.seed, frozen=cfg.frozen,
-                                  init_weights=init_weights(config, cfg, mesh))
+                                  init_weights=init_weights(config, cfg, mesh),
+                                  new_head=bool(config.get("init_new_head")))
   start = int(jax.device_get(state["step"]))
 
   batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}

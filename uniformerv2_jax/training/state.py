@@ -83,11 +83,12 @@ def _abstract(mdef: ModelDef):
 
 
 def create_train_state(mdef: ModelDef, tx, mesh: Mesh, *, seed: int, frozen: bool,
-                       init_weights: dict | None = None):
+                       init_weights: dict | None = None, new_head: bool = False):
   """(state, shardings): initialised on device, straight into its sharded layout.
 
   `init_weights`: params + batch stats as one pure dict (any layout), e.g. from a
-  converted checkpoint; None initialises randomly from `seed`.
+  converted checkpoint; None initialises randomly from `seed`. `new_head`: the classifier
+  (head.fc) comes from that random initialisation even when `init_weights` has one.
   """
   shardings = state_shardings(mdef, tx, mesh, frozen)
 
@@ -95,7 +96,10 @@ def create_train_state(mdef: ModelDef, tx, mesh: Mesh, *, seed: int, frozen: boo
     if weights is None:
       params, stats = random_weights(mdef.cfg, seed)
     else:
-      params, stats = _split_weights(mdef, weights)
+      params, stats = _split_weights(mdef, weights, skip_head=new_head)
+      if new_head:  # under jit: XLA initialises only the head, the rest is dropped
+        fresh = random_weights(mdef.cfg, seed)[0]["head"]["fc"]
+        params = dict(params, head=dict(params["head"], fc=fresh))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": stats,
             "opt_state": tx.init(trainable(params, frozen)),
             "rng": jax.random.key_data(jax.random.key(seed + 1))}
@@ -106,18 +110,29 @@ def create_train_state(mdef: ModelDef, tx, mesh: Mesh, *, seed: int, frozen: boo
   return state, shardings
 
 
-def _split_weights(mdef: ModelDef, weights: dict) -> tuple[dict, dict]:
-  """One pure dict with params and batch stats -> (params, batch_stats) pure dicts."""
+def _split_weights(mdef: ModelDef, weights: dict, skip_head: bool = False) -> tuple[dict, dict]:
+  """One pure dict with params and batch stats -> (params, batch_stats) pure dicts.
+
+  skip_head: head.fc is not taken (zeros of the model's shape, for the caller to replace).
+  """
   params_abs, stats_abs = _abstract(mdef)
   flat = dict(jax.tree_util.tree_flatten_with_path(weights)[0])
+
+  def skipped(path):
+    keys = [getattr(k, "key", None) for k in path]
+    return skip_head and keys[:2] == ["head", "fc"]
+
   missing = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path((params_abs, stats_abs))[0]
-             if p[1:] not in flat]
+             if p[1:] not in flat and not skipped(p[1:])]
   if missing:
     raise ValueError(f"initial weights lack {len(missing)} entries, e.g. {missing[:3]}")
 
+  def one(path, a):
+    return jnp.zeros(a.shape, a.dtype) if skipped(path) else jnp.asarray(flat[path], a.dtype)
+
   def take(abstract):
-    return jax.tree_util.tree_map_with_path(lambda p, a: jnp.asarray(flat[p], a.dtype), abstract)
+    return jax.tree_util.tree_map_with_path(one, abstract)
   return take(params_abs), take(stats_abs)
 
 
