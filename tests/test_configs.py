@@ -14,7 +14,7 @@ from uniformerv2_jax.training.config_check import ConfigError, check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if os.path.basename(p) not in ("__init__.py", "common.py", "kinetics_l14.py",
-                                                "ssv2.py"))
+                                                "ssv2.py", "frozen_kinetics.py"))
 
 
 def load(name):
@@ -41,6 +41,9 @@ TABLE = {
     "mit_b16": (512, 2e-5, 5, 24, (4, 3)), "mit_l14": (512, 1e-5, 5, 18, (4, 3)),
     "ssv2_b16_16f": (256, 4e-5, 5, 22, (1, 3)), "ssv2_l14_32f": (256, 2e-5, 5, 22, (1, 3)),
     "frozen_l14_336": (512, 8e-4, 0, 50, (3, 1)),
+    "frozen_k400_l14_336_8f": (512, 5e-5, 1, 5, (3, 1)),
+    "frozen_k700_l14_336_32f": (256, 5e-5, 1, 5, (3, 1)),
+    "k600_l14_336_64f": (128, 1.5e-6, 1, 5, (4, 3)), "mit_l14_336": (512, 1e-5, 5, 18, (4, 3)),
 }
 
 
@@ -65,6 +68,8 @@ def test_family_settings():
   assert not c.input.flip and c.input.num_samples == 2
   assert model_config(**c.model.to_dict()).return_list == tuple(range(8, 24))
   assert model_config(**load("frozen_l14_336").model.to_dict()).frozen
+  f = load("frozen_k400_l14_336_32f")
+  assert model_config(**f.model.to_dict()).frozen and f.head_map == "k400"
   assert load("k400_l14_32f").model.remat == "full"
 
 

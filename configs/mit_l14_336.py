@@ -1,0 +1,9 @@
+"""Moments in Time, L/14@336 8x336 from K710+K400 L/14@336 (batch 512, lr 1e-5, 5/18 epochs)."""
+
+from configs.common import REMAT, recipe
+
+
+def get_config():
+  return recipe(model="l14_336", dataset="mit", num_classes=339, clip_len=8, crop_size=336,
+                batch=512, lr=1e-5, warmup=5, epochs=18, init_from="pretrained/k400_l14_336",
+                new_head=True, model_overrides=REMAT)
