@@ -165,7 +165,7 @@ def test_eval_scores_a_reordered_head_by_class_name(golden, dataset, tmp_path):
   for rec in results:
     np.testing.assert_allclose(rec["all_scores"], expected[rec["video"]], atol=2e-3)
     assert rec["label_name"] == CLASSES[rec["label"]]
-  assert summary["num_videos"] == len(VIDEOS)
+  assert summary["num_videos"] == len(VIDEOS) and summary["head_rows_by_class_name"]
 
   # Unchecked (the upstream's behaviour), row i is class i: the scores come out permuted.
   c = _config()
@@ -174,7 +174,7 @@ def test_eval_scores_a_reordered_head_by_class_name(golden, dataset, tmp_path):
   raw = [json.loads(line) for line in (tmp_path / "raw" / "results.jsonl").read_text().splitlines()]
   for rec in raw:
     np.testing.assert_allclose(rec["all_scores"], expected[rec["video"]][order], atol=2e-3)
-  assert unchecked["num_videos"] == len(VIDEOS)
+  assert unchecked["num_videos"] == len(VIDEOS) and not unchecked["head_rows_by_class_name"]
 
   # Names that are not the dataset's classes: one clear error before anything runs.
   other = save_pretrained(str(tmp_path / "other"), model, class_names=CLASSES[:9] + ["class 99"])

@@ -63,22 +63,19 @@ def match_classes(head_names, data_names, checkpoint: str) -> np.ndarray | None:
   try:
     rows = heads.index_map_from_names(head_names, data_names)
   except ValueError as e:
-    why = str(e)
-    rows = None
-  if rows is None:
     differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(head_names, data_names))
               if a != b]
     raise EvalConfigError(
-        f"{checkpoint}: the head's class names are not the dataset's ({why}; first "
+        f"{checkpoint}: the head's class names are not the dataset's ({e}; first "
         f"differences, head vs dataset: {differ[:3]}). Scores would be compared with the wrong "
         "labels. Give the checkpoint the class list its head was trained with (`python -m "
         "convert ... --class-names FILE`), set --config.eval.head_map, or, if only the wording "
-        "differs and row i is class i, --config.eval.match_class_names=False.")
+        "differs and row i is class i, --config.eval.match_class_names=False.") from None
   return None if np.array_equal(rows, np.arange(len(rows))) else rows
 
 
 def load_model(config, checkpoint: str, mesh, data_names=None, log=print):
-  """The model, its head's rows put in the dataset's class order; and the head's class names."""
+  """(model with its head's rows in the dataset's class order, class names, reordered?)."""
   from uniformerv2_jax import heads
   from uniformerv2_jax.checkpoint import load_pretrained, read_config
   overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
@@ -87,12 +84,14 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print):
   rows = None if head_map is None else heads.load_index_map(head_map)
   num_classes = len(rows) if rows is not None else read_config(checkpoint).num_classes
   names = class_names_for(config, checkpoint, num_classes)
+  order = None
   if _get(config.eval, "match_class_names", True):
     order = match_classes(names, data_names, checkpoint)
-    if order is not None:
+    if order is not None and jax.process_index() == 0:
       log(f"eval: {checkpoint} lists the dataset's {len(order)} classes in another order; its "
           "head rows are taken by class name (--config.eval.match_class_names=False: row i is "
           "class i)")
+    if order is not None:
       rows, names = (order if rows is None else rows[order]), list(data_names)
   model = load_pretrained(checkpoint, mesh=mesh, head_map=None if rows is None else
                           [int(r) for r in rows], **overrides)
@@ -102,7 +101,7 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print):
             if model.config.num_classes == 710 else "")
     raise EvalConfigError(f"{checkpoint}: the model has {model.config.num_classes} classes but "
                      f"config.dataset.num_classes={want}.{hint}")
-  return model, names
+  return model, names, order is not None
 
 
 class EvalConfigError(ValueError):
@@ -144,7 +143,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
     from uniformerv2_jax.training.data_io import source
     builder = source(config)
   builder = data.load_builder(builder)
-  model, names = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log)
+  model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log)
   spatial = _get(ev, "spatial", "mmaction2")
   num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
   num_views = num_clips * num_crops
@@ -165,7 +164,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size))
   extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
-               head_map=_get(ev, "head_map"), protocol=protocol, devices=jax.device_count(),
+               head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
+               protocol=protocol, devices=jax.device_count(),
                processes=jax.process_count())
   if workdir is None:
     return dict(result.metrics, num_videos=len(result.video_ids), num_views=num_views, **extra)
