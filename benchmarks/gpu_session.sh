@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU: environment, golden checks on the device, then each
-# benchmark invocation given as a quoted argument (optionally prefixed by XLA_FLAGS=...).
-#   bash benchmarks/gpu_session.sh "--models b16 --modes train" "XLA_FLAGS=--foo --models b16"
+# benchmark invocation given as a quoted argument (optionally prefixed by XLA_FLAGS=...);
+# an argument starting with "profile " runs benchmarks/profile_step.py with the rest.
+#   bash benchmarks/gpu_session.sh "--models b16 --modes train" "XLA_FLAGS=--foo --models b16" \
+#     "profile --model b16 --mode inference --batch 64"
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -11,6 +13,9 @@ python3 -c "import flax, jax; print('jax', jax.__version__, 'flax', flax.__versi
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py \
   -k "float32 or bfloat16 or float64_matches" 2>&1 | tail -3
 for run in "$@"; do
+  case "$run" in profile\ *)
+    echo "== profile_step.py ${run#profile }"
+    python3 benchmarks/profile_step.py ${run#profile } 2>&1 | tail -60; continue;; esac
   flags=""
   case "$run" in XLA_FLAGS=*) flags="${run%% --*}"; flags="${flags#XLA_FLAGS=}"; run="--${run#* --}";; esac
   echo "== XLA_FLAGS='$flags' $run"
