@@ -21,13 +21,13 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch(workdir):
+def launch(workdir, mode="train", extra=None):
   port = free_port()
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return [subprocess.Popen(
-      [sys.executable, HELPER, "train", str(workdir),
+      [sys.executable, HELPER, mode, str(workdir),
        json.dumps(dict(OVERRIDES, coordinator=f"127.0.0.1:{port}", num_processes=2,
-                       process_id=i))],
+                       process_id=i, **(extra or {})))],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
@@ -58,7 +58,8 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path):
   for k in a.files:
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
 
-  # The run the two hosts wrote reads on one process (eval.py, convert on a workstation).
+  # The run the two hosts wrote reads as a model on one process (convert, eval on a
+  # workstation) and on two, sharded over fsdp (eval.py or init_from on the same pod).
   import jax
 
   from uniformerv2_jax.checkpoint import load_weights_tree
@@ -67,3 +68,8 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path):
   assert sorted(jax.tree_util.keystr(p) for p, _ in flat) == sorted(k for k in a.files if k != "step")
   for path, leaf in flat:
     np.testing.assert_array_equal(np.asarray(leaf), a[jax.tree_util.keystr(path)])
+  finish(launch(full, "load", {"mesh.data": 1, "mesh.fsdp": 2}))
+  loaded = np.load(full / "loaded_2.npz")
+  assert sorted(loaded.files) == sorted(k for k in a.files if k != "step")
+  for k in loaded.files:
+    np.testing.assert_array_equal(loaded[k], a[k], err_msg=k)

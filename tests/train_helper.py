@@ -5,7 +5,9 @@
 
 `train` runs train.py's loop on a tiny model with fake data and writes WORKDIR/params.npz
 (final parameters). `restore` loads the latest checkpoint of WORKDIR onto this process's
-devices and writes WORKDIR/restored_<n>.npz.
+devices and writes WORKDIR/restored_<n>.npz. `load` reads the run as a model
+(`load_pretrained(WORKDIR, mesh=...)`, what eval.py and init_from do) and writes
+WORKDIR/loaded_<processes>.npz.
 """
 
 import json
@@ -73,6 +75,17 @@ def main():
     jax.distributed.initialize(overrides.pop("coordinator"), overrides.pop("num_processes"),
                                overrides.pop("process_id"))
   config = tiny_config(overrides)
+  if mode == "load":
+    from flax import nnx
+
+    from uniformerv2_jax.checkpoint import WEIGHTS, load_pretrained
+    from uniformerv2_jax.training.loop import make_mesh
+    model = load_pretrained(workdir, mesh=make_mesh(config))
+    weights = {"params": nnx.to_pure_dict(nnx.state(model, WEIGHTS)), "batch_stats": {}}
+    loaded = flat_params(weights)
+    if jax.process_index() == 0:
+      np.savez(os.path.join(workdir, f"loaded_{jax.process_count()}.npz"), **loaded)
+    return
   if mode == "train":
     from uniformerv2_jax.training.loop import train_and_evaluate
     train_and_evaluate(config, workdir)
