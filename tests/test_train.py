@@ -117,6 +117,7 @@ def test_run_reads_as_a_model(runs, tmp_path):
 
   cfg, tree, names = load_weights_tree(d8)  # WORKDIR: its latest step, 4
   assert_saved(tree)
+  assert_saved(load_weights_tree(d8 / "checkpoints")[1])
   assert (cfg.width, cfg.layers, cfg.num_classes, cfg.scan_layers) == (32, 2, 5, False)
   assert names is None  # fake data has no class names
 

@@ -90,7 +90,7 @@ class PreemptionWatcher:
 # A training checkpoint read as a model (eval.py, init_from, `convert export|checkpoint`).
 
 def step_directory(path: str) -> str | None:
-  """`WORKDIR` (its latest checkpoint) or `WORKDIR/checkpoints/STEP` -> that step's directory.
+  """`WORKDIR` or `WORKDIR/checkpoints` (the latest step), `WORKDIR/checkpoints/STEP` -> the step.
 
   None when `path` is neither. Only finished checkpoints count: Orbax writes a step under a
   temporary name and renames it to the bare step number when complete.
@@ -98,7 +98,7 @@ def step_directory(path: str) -> str | None:
   path = os.path.abspath(os.fspath(path))
   if all(os.path.isdir(os.path.join(path, item)) for item in ("state", "meta")):
     return path
-  root = os.path.join(path, "checkpoints")
+  root = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
   if not os.path.isdir(root):
     return None
   steps = [int(n) for n in os.listdir(root)
