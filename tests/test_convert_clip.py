@@ -176,7 +176,8 @@ def test_return_list_alone_sets_the_number_of_global_blocks(tmp_path):
   import json
   _, cfg = golden_case("tiny_clip")
   path = tmp_path / "cfg.json"
-  path.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("n_layers", "return_list")}))
+  path.write_text(json.dumps({k: v for k, v in cfg.items()
+                              if k not in ("n_layers", "return_list")}))
   _convert(GOLDEN / "tiny_clip_visual.pth", str(path), tmp_path / "out",
            sets={"return_list": [0, 1, 2]})
   c = read_config(tmp_path / "out")

@@ -5,6 +5,10 @@ is the best any single-frame model can do; the assertion needs real temporal mod
 """
 import json
 import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_reduced_demo_learns_motion(tmp_path):
@@ -29,9 +33,15 @@ def test_reduced_demo_learns_motion(tmp_path):
     # same weights on the same frames give the same top-1.
     from uniformerv2_jax.checkpoint import read_class_names
     from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES
-    from uniformerv2_jax.evaluation.driver import evaluate_checkpoint
     assert read_class_names(tmp_path / "work") == list(SYNTHETIC_CLASSES)
-    result = evaluate_checkpoint(c, str(tmp_path / "work"), str(tmp_path / "eval"))
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={ROOT}/configs/demo.py",
+         f"--checkpoint={tmp_path / 'work'}", f"--config.dataset.data_dir={tmp_path / 'data'}",
+         "--config.dataset.num_train=256", "--config.dataset.num_val=64"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "work-synthetic-validation" / "summary.json").read_text())
     assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]
     assert result["checkpoint"] == str(tmp_path / "work" / "checkpoints" / "240")  # the step read
     assert summary["best_step"] == 240
