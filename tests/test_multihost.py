@@ -60,16 +60,11 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path):
 
   # The run the two hosts wrote reads as a model on one process (convert, eval on a
   # workstation) and on two, sharded over fsdp (eval.py or init_from on the same pod).
-  import jax
-
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import flat_weights
   from uniformerv2_jax.checkpoint import load_weights_tree
-  _, tree, _ = load_weights_tree(full)
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  assert sorted(jax.tree_util.keystr(p) for p, _ in flat) == sorted(k for k in a.files if k != "step")
-  for path, leaf in flat:
-    np.testing.assert_array_equal(np.asarray(leaf), a[jax.tree_util.keystr(path)])
   finish(launch(full, "load", {"mesh.data": 1, "mesh.fsdp": 2}))
-  loaded = np.load(full / "loaded_2.npz")
-  assert sorted(loaded.files) == sorted(k for k in a.files if k != "step")
-  for k in loaded.files:
-    np.testing.assert_array_equal(loaded[k], a[k], err_msg=k)
+  for loaded in (flat_weights(load_weights_tree(full)[1]), np.load(full / "loaded_2.npz")):
+    assert sorted(loaded) == sorted(k for k in a.files if k != "step")
+    for k in loaded:
+      np.testing.assert_array_equal(loaded[k], a[k], err_msg=k)

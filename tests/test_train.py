@@ -102,15 +102,14 @@ def test_train_step_with_on_device_randaugment(tmp_path):
 def test_run_reads_as_a_model(runs, tmp_path):
   """eval.py, init_from and the exporters take a run's checkpoint: its weights (saved sharded
   over 8 devices), its model config, never its optimiser state."""
-  import jax
-
   from uniformerv2_jax.checkpoint import CheckpointError, load_pretrained, load_weights_tree
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import flat_weights
   _, d8, _ = runs
   saved = np.load(d8 / "params.npz")
 
   def assert_saved(tree):
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat = flat_weights(tree)
     assert sorted(flat) == sorted(k for k in saved.files if k != "step")
     for k, v in flat.items():
       np.testing.assert_array_equal(v, saved[k], err_msg=k)

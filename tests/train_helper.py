@@ -40,9 +40,13 @@ def tiny_config(overrides):
 
 
 def flat_params(state):
-  from jax.experimental import multihost_utils
   from uniformerv2_jax.training.state import unscanned_weights
-  tree = unscanned_weights(state)
+  return flat_weights(unscanned_weights(state))
+
+
+def flat_weights(tree):
+  """{keystr path: numpy array} of a weight tree (gathered from every process)."""
+  from jax.experimental import multihost_utils
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   out = {}
   for path, leaf in flat:
@@ -81,8 +85,7 @@ def main():
     from uniformerv2_jax.checkpoint import WEIGHTS, load_pretrained
     from uniformerv2_jax.training.loop import make_mesh
     model = load_pretrained(workdir, mesh=make_mesh(config))
-    weights = {"params": nnx.to_pure_dict(nnx.state(model, WEIGHTS)), "batch_stats": {}}
-    loaded = flat_params(weights)
+    loaded = flat_weights(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
     if jax.process_index() == 0:
       np.savez(os.path.join(workdir, f"loaded_{jax.process_count()}.npz"), **loaded)
     return

@@ -179,7 +179,7 @@ def _source(directory: str) -> tuple[str, str]:
   directory = local_path(directory, "checkpoint")
   if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
     from uniformerv2_jax.training.checkpointing import step_directory
-    step_dir = step_directory(directory) if os.path.isdir(directory) else None
+    step_dir = step_directory(directory)
     if step_dir is not None:
       return "train", step_dir
   return "model", _require(directory)

@@ -11,6 +11,8 @@ mesh the new run uses (another device count works).
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import signal
 import threading
@@ -113,6 +115,11 @@ def step_directory(path: str) -> str | None:
 
 def read_meta(step_dir: str) -> dict:
   """The `meta` item of a checkpoint: step, data position, model config, class names."""
+  return copy.deepcopy(_read_meta(os.path.abspath(step_dir)))
+
+
+@functools.lru_cache(maxsize=16)  # a finished step never changes; readers ask several times
+def _read_meta(step_dir: str) -> dict:
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
     return ckptr.restore(os.path.join(step_dir, "meta"))
 
@@ -123,15 +130,12 @@ def restore_weights(step_dir: str) -> dict:
   Reads only those two parts of the state: a partial restore, on the host.
   """
   import numpy as np
-  from flax import nnx
 
   from uniformerv2_jax.config import ModelConfig
-  from uniformerv2_jax.training.state import unscanned_weights
-  from uniformerv2_jax.weights import abstract_model
-  cfg = ModelConfig.from_dict(read_meta(step_dir)["model_config"])
-  _, params, stats, _ = nnx.split(abstract_model(cfg), nnx.Param, nnx.BatchStat, ...)
-  item = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
-  item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), item)
+  from uniformerv2_jax.training.state import abstract_weights, unscanned_weights
+  params, stats = abstract_weights(ModelConfig.from_dict(read_meta(step_dir)["model_config"]))
+  item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                      {"params": params, "batch_stats": stats})
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   with ocp.PyTreeCheckpointer() as ckptr:
     out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(

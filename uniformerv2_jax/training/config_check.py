@@ -57,9 +57,6 @@ def _init_problems(config, cfg) -> list[str]:
   if config.head_map and config.get("init_new_head"):
     return [f"config.head_map={config.head_map!r} and config.init_new_head=True: the head is "
             "either remapped from init_from's or new; set one of them"]
-  if config.get("init_new_head"):  # head.fc comes from the seed, whatever init_from holds
-    expected = {k: v for k, v in expected.items() if not k.startswith("head.fc")}
-    stored = {k: v for k, v in stored.items() if not k.startswith("head.fc")}
   if config.head_map:
     from uniformerv2_jax import heads
     try:
@@ -69,6 +66,7 @@ def _init_problems(config, cfg) -> list[str]:
     if rows != cfg.num_classes:
       return [f"config.head_map={config.head_map!r} has {rows} classes but config.model."
               f"num_classes={cfg.num_classes}"]
+  if config.head_map or config.get("init_new_head"):  # head.fc: remapped, or from the seed
     expected = {k: v for k, v in expected.items() if not k.startswith("head.fc")}
     stored = {k: v for k, v in stored.items() if not k.startswith("head.fc")}
   wrong = sorted(k for k in expected if stored.get(k) != expected[k])

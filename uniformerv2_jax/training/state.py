@@ -67,7 +67,7 @@ def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh
                     frozen: bool) -> dict:
   """NamedShardings of the whole train state (optimiser moments follow their parameter)."""
   rep = shd.replicated(mesh)
-  abstract_params = _abstract(mdef)[0]
+  abstract_params = abstract_weights(mdef.cfg)[0]
   opt_abstract = jax.eval_shape(tx.init, trainable(abstract_params, frozen))
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, opt_abstract, trainable(mdef.param_shardings, frozen),
@@ -77,8 +77,9 @@ def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh
           "opt_state": opt_shardings, "rng": rep}
 
 
-def _abstract(mdef: ModelDef):
-  _, params, stats, _ = nnx.split(abstract_model(mdef.cfg), nnx.Param, nnx.BatchStat, ...)
+def abstract_weights(cfg: ModelConfig) -> tuple[dict, dict]:
+  """(params, batch_stats) pure dicts of ShapeDtypeStruct, in cfg's layout (scanned or not)."""
+  _, params, stats, _ = nnx.split(abstract_model(cfg), nnx.Param, nnx.BatchStat, ...)
   return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
@@ -96,10 +97,9 @@ def create_train_state(mdef: ModelDef, tx, mesh: Mesh, *, seed: int, frozen: boo
     if weights is None:
       params, stats = random_weights(mdef.cfg, seed)
     else:
-      params, stats = _split_weights(mdef, weights, skip_head=new_head)
-      if new_head:  # under jit: XLA initialises only the head, the rest is dropped
-        fresh = random_weights(mdef.cfg, seed)[0]["head"]["fc"]
-        params = dict(params, head=dict(params["head"], fc=fresh))
+      # under jit: for a new head XLA initialises only head.fc and drops the rest
+      new_fc = random_weights(mdef.cfg, seed)[0]["head"]["fc"] if new_head else None
+      params, stats = _split_weights(mdef, weights, new_fc)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": stats,
             "opt_state": tx.init(trainable(params, frozen)),
             "rng": jax.random.key_data(jax.random.key(seed + 1))}
@@ -110,29 +110,23 @@ def create_train_state(mdef: ModelDef, tx, mesh: Mesh, *, seed: int, frozen: boo
   return state, shardings
 
 
-def _split_weights(mdef: ModelDef, weights: dict, skip_head: bool = False) -> tuple[dict, dict]:
+def _split_weights(mdef: ModelDef, weights: dict, new_fc: dict | None = None):
   """One pure dict with params and batch stats -> (params, batch_stats) pure dicts.
 
-  skip_head: head.fc is not taken (zeros of the model's shape, for the caller to replace).
+  new_fc: {"kernel", "bias"} to use as head.fc instead of the one in `weights`.
   """
-  params_abs, stats_abs = _abstract(mdef)
+  params_abs, stats_abs = abstract_weights(mdef.cfg)
   flat = dict(jax.tree_util.tree_flatten_with_path(weights)[0])
-
-  def skipped(path):
-    keys = [getattr(k, "key", None) for k in path]
-    return skip_head and keys[:2] == ["head", "fc"]
-
+  if new_fc is not None:
+    flat.update(jax.tree_util.tree_flatten_with_path({"head": {"fc": new_fc}})[0])
   missing = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path((params_abs, stats_abs))[0]
-             if p[1:] not in flat and not skipped(p[1:])]
+             if p[1:] not in flat]
   if missing:
     raise ValueError(f"initial weights lack {len(missing)} entries, e.g. {missing[:3]}")
 
-  def one(path, a):
-    return jnp.zeros(a.shape, a.dtype) if skipped(path) else jnp.asarray(flat[path], a.dtype)
-
   def take(abstract):
-    return jax.tree_util.tree_map_with_path(one, abstract)
+    return jax.tree_util.tree_map_with_path(lambda p, a: jnp.asarray(flat[p], a.dtype), abstract)
   return take(params_abs), take(stats_abs)
 
 
