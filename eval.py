@@ -41,7 +41,9 @@ def main(argv):
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value
-  path = os.path.normpath(os.path.abspath(_CHECKPOINT.value))
+  from uniformerv2_jax import storage
+  path = storage.absolute(_CHECKPOINT.value)
+  path = path if storage.is_url(path) else os.path.normpath(path)
   name = os.path.basename(path)
   if name.isdigit():  # WORKDIR/checkpoints/STEP
     name = f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}-step{name}"

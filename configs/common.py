@@ -54,6 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       log_every_steps=50,
       checkpoint_every_steps=1000,
       keep_checkpoints=3,        # the last K; the best (validation top-1) is kept as well
+      # TensorBoard event files: "" = WORKDIR/tensorboard (a local path or a gs:// URL)
+      tensorboard_dir="",
       eval_every_epochs=1.0,
       steps_per_epoch=ml_collections.FieldReference(None, field_type=int),  # None: dataset size
       eval_batch_size=ml_collections.FieldReference(None, field_type=int),  # None: global batch

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from convert.io import ConversionError, load_torch_file, tensor_dict
+from uniformerv2_jax import storage
 
 Log = Callable[[str], None]
 
@@ -203,6 +204,9 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   from uniformerv2_jax.torch_layout import export_tensors, to_layout
   if layout not in ("original", "mmaction2"):
     raise ConversionError(f"--layout {layout!r}: use 'original' or 'mmaction2'")
+  if storage.is_url(output):
+    raise ConversionError(f"--output {output}: PyTorch files are written to a local disk; "
+                          "write it there, then copy it (gcloud storage cp FILE URL)")
   _check_output(output, overwrite)
   cfg, tree, _ = load_weights_tree(input_dir)
   tensors = export_tensors(tree, cfg)
@@ -229,7 +233,7 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
 
 
 def _check_output(output: str, overwrite: bool) -> None:
-  if os.path.exists(output) and not overwrite:
+  if storage.exists(output) and not overwrite:
     raise ConversionError(f"{output} already exists; choose another --output or pass --overwrite")
 
 

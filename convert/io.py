@@ -31,6 +31,9 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
   """The object stored in a .pt/.pth/.pyth file, with tensors (memory-mapped when possible)."""
   import torch
   path = os.fspath(path)
+  if "://" in path:
+    raise ConversionError(f"{path}: PyTorch files are read from a local disk; copy it first "
+                          "(gcloud storage cp URL .)")
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: no such file")
   if os.path.getsize(path) == 0:

@@ -6,9 +6,11 @@
       weights/          Orbax checkpoint: flat {"backbone.blocks.0.qkv.kernel": array, ...}
                         of parameters and BatchNorm statistics, UNSCANNED layout
 
-`save_pretrained` writes everything into a temporary directory beside DIR and renames
-it into place only when complete, so a failed or interrupted save never leaves
-something that looks like a checkpoint. `load_pretrained(DIR, mesh=...)` restores
+DIR is a local path or an object-store URL (`gs://bucket/models/k400_b16`). Locally,
+`save_pretrained` writes everything into a temporary directory beside DIR and renames it
+into place only when complete; on an object store (no directory rename) it writes
+`config.json` last and readers require it. Either way a failed or interrupted save never
+leaves something that looks like a checkpoint. `load_pretrained(DIR, mesh=...)` restores
 each array straight into its NamedSharding (no full copy on one host).
 
 The readers (`load_pretrained`, `read_config`, `read_class_names`, `stored_shapes`,
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uniformerv2_jax import storage
 from uniformerv2_jax.config import ModelConfig
 from uniformerv2_jax.weights import (WEIGHTS, abstract_model, flatten, nest, unstack_layers,
                                      weight_shapes)
@@ -42,21 +45,6 @@ SEP = "."
 
 class CheckpointError(ValueError):
   """A model directory that is missing, incomplete or does not fit the requested model."""
-
-
-def local_path(path, what: str = "path") -> str:
-  """The absolute path; a URL (gs://, s3://) is refused with one message saying what to do.
-
-  Model directories and training workdirs live on a filesystem (renames make their writes
-  atomic); multi-host runs need one that every host shares.
-  """
-  path = os.fspath(path)
-  if "://" in path:
-    raise CheckpointError(
-        f"{what} {path}: URLs are not supported for model directories and workdirs; mount the "
-        "bucket (e.g. gcsfuse) or use a shared filesystem (NFS, Filestore) and pass its path "
-        "(multi-host runs need a path every host sees)")
-  return os.path.abspath(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,7 +82,7 @@ def _write_weights(path: str, flat: Mapping[str, Any]) -> None:
   # one copy of the weights instead of three.
   handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
   with ocp.Checkpointer(handler) as ckptr:
-    ckptr.save(os.path.abspath(path), args=ocp.args.StandardSave(dict(flat)))
+    ckptr.save(storage.absolute(path), args=ocp.args.StandardSave(dict(flat)))
 
 
 def _check_names(class_names, num_classes: int) -> list[str] | None:
@@ -120,13 +108,16 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
     config = model.config if config is None else config
   if config is None:
     raise ValueError("save_pretrained(tree): pass config= for a pure weight tree")
-  directory = local_path(directory, "output")
-  if os.path.exists(directory) and not overwrite:
+  directory = storage.absolute(directory)
+  if storage.exists(directory) and not overwrite:
     raise CheckpointError(f"{directory} already exists; choose a new output directory "
                           "(or pass overwrite=True / --overwrite)")
   names = _check_names(class_names, config.num_classes)
   flat = flat_weights(_weights_tree(model))
   _check_against_config({k: np.shape(v) for k, v in flat.items()}, config, directory)
+  stored = config.replace(scan_layers=False)
+  if storage.is_url(directory):
+    return _save_to_object_store(directory, flat, stored, names)
 
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
@@ -136,7 +127,6 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
     _write_weights(os.path.join(tmp, WEIGHTS_DIR), flat)
-    stored = config.replace(scan_layers=False)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(stored.to_json() + "\n")
     if names is not None:
@@ -155,14 +145,30 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
   return directory
 
 
+def _save_to_object_store(directory: str, flat, config: ModelConfig, names) -> str:
+  """Weights, class names, then config.json: a reader requires config.json, so a model
+  directory cut short is never taken for a complete one. Never replaces one in place
+  (no atomic rename): an existing directory must be removed first."""
+  if storage.exists(directory):
+    raise CheckpointError(f"{directory} already exists; an object store cannot replace it "
+                          "atomically: delete it first (gcloud storage rm -r DIR) or choose "
+                          "a new output")
+  _write_weights(os.path.join(directory, WEIGHTS_DIR), flat)
+  if names is not None:
+    storage.write_text(os.path.join(directory, CLASS_NAMES_FILE), "\n".join(names) + "\n")
+  storage.write_text(os.path.join(directory, CONFIG_FILE), config.to_json() + "\n")
+  return directory
+
+
 # ---------------------------------------------------------------------------------------
 # Reading.
 
 def _require(directory: str) -> str:
-  directory = local_path(directory, "model directory")
-  if not os.path.isdir(directory):
+  directory = storage.absolute(directory)
+  if not storage.isdir(directory):
     raise CheckpointError(f"{directory}: no such model directory")
-  missing = [n for n in (CONFIG_FILE, WEIGHTS_DIR) if not os.path.exists(os.path.join(directory, n))]
+  names = storage.listdir(directory)
+  missing = [n for n in (CONFIG_FILE, WEIGHTS_DIR) if n not in names]
   if missing:
     raise CheckpointError(
         f"{directory} is not a UniFormerV2 model directory (missing {', '.join(missing)}) nor a "
@@ -176,8 +182,8 @@ def _source(directory: str) -> tuple[str, str]:
 
   A training checkpoint is `WORKDIR` (its latest step) or `WORKDIR/checkpoints/STEP`.
   """
-  directory = local_path(directory, "checkpoint")
-  if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+  directory = storage.absolute(directory)
+  if not storage.exists(os.path.join(directory, CONFIG_FILE)):
     from uniformerv2_jax.training.checkpointing import step_directory
     step_dir = step_directory(directory)
     if step_dir is not None:
@@ -206,8 +212,7 @@ def read_config(directory: str) -> ModelConfig:
     return _train_config(directory)
   path = os.path.join(directory, CONFIG_FILE)
   try:
-    with open(path) as f:
-      return ModelConfig.from_dict(json.load(f))
+    return ModelConfig.from_dict(json.loads(storage.read_text(path)))
   except (json.JSONDecodeError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: unreadable model config: {e}") from None
 
@@ -218,10 +223,9 @@ def read_class_names(directory: str) -> list[str] | None:
     from uniformerv2_jax.training.checkpointing import read_meta
     return read_meta(directory).get("class_names")
   path = os.path.join(directory, CLASS_NAMES_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+  return [line for line in storage.read_text(path).split("\n") if line.strip()]
 
 
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -407,5 +411,5 @@ def flat_weights_shapes(tree: Mapping) -> dict[str, tuple]:
 
 
 __all__ = ["save_pretrained", "load_pretrained", "read_config", "read_class_names", "resolve",
-           "restore_weights", "stored_shapes", "load_weights_tree", "local_path",
+           "restore_weights", "stored_shapes", "load_weights_tree",
            "CheckpointError"]

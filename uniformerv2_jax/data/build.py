@@ -65,6 +65,11 @@ def config_from_args(args) -> VideoConfig:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if "://" in args.data_dir:
+        raise SystemExit(f"--data_dir {args.data_dir}: build on a local disk, then copy the "
+                         "dataset folder to the bucket (gcloud storage cp -r DIR/video_"
+                         "classification gs://BUCKET/tfds/); training and evaluation read it "
+                         "from there")
     builder = build_dataset(args.data_dir, config_from_args(args), manual_dir=args.manual_dir,
                             num_workers=args.num_workers, num_shards=args.num_shards,
                             overwrite=args.overwrite)

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from .. import storage
 from . import tf_ops
 from .reader import StoredVideos
 from .spatial import AREA_RANGE, RATIO_RANGE, SPATIAL_PROTOCOLS
@@ -40,9 +41,7 @@ def load_builder(data_dir_or_builder):
     if hasattr(data_dir_or_builder, "builder"):  # synthetic.PreparedDataset
         return data_dir_or_builder.builder
     root = os.fspath(data_dir_or_builder)
-    # tf.io.gfile: local paths and the object stores TFDS reads (gs://, s3://)
-    found = sorted(dirpath for dirpath, _, files in tf.io.gfile.walk(root)
-                   if "dataset_info.json" in files)
+    found = storage.find_dirs_containing(root, "dataset_info.json")  # local, gs://, s3://
     if len(found) != 1:
         raise ValueError(f"{root}: expected exactly one built dataset (a folder with "
                          f"dataset_info.json) below it, found {len(found)}: {found[:5]}; pass "

@@ -132,10 +132,11 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   Writes ``WORKDIR/results.jsonl`` and ``WORKDIR/summary.json`` when ``workdir`` is given.
   """
   from uniformerv2_jax import data
-  from uniformerv2_jax.checkpoint import local_path, resolve
+  from uniformerv2_jax import storage
+  from uniformerv2_jax.checkpoint import resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
   if workdir is not None:
-    workdir = local_path(workdir, "--workdir")
+    workdir = storage.absolute(workdir)
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))

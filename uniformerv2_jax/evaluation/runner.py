@@ -24,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
+from uniformerv2_jax import storage
 from uniformerv2_jax.evaluation.metrics import EvalResult, ViewAccumulator, top_classes
 from uniformerv2_jax.sharding import BATCH_AXES, batch_sharding, state_shardings
 
@@ -173,13 +174,6 @@ def array_batches(videos: np.ndarray, labels: Sequence[int], per_host_batch: int
 # Output files.
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def video_records(result: EvalResult, *, top: int = 5, class_names: Sequence[str] | None = None,
                   video_names: Mapping[int, str] | None = None, save_scores: bool = False):
   """One JSON-able dict per video (see README, "Evaluation outputs")."""
@@ -205,9 +199,9 @@ def write_results(workdir: str, result: EvalResult, *, summary_extra: Mapping[st
                  seconds=round(result.seconds, 2), **dict(summary_extra))
   if jax.process_index() != 0:
     return summary
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   lines = (json.dumps(r) + "\n" for r in video_records(
       result, top=top, class_names=class_names, video_names=video_names, save_scores=save_scores))
-  _atomic_write(os.path.join(workdir, "results.jsonl"), "".join(lines))
-  _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1) + "\n")
+  storage.write_text(os.path.join(workdir, "results.jsonl"), "".join(lines))
+  storage.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1) + "\n")
   return summary

@@ -2,9 +2,11 @@
 
 Each checkpoint holds two items: `state` (the whole train state: params, batch stats,
 optimiser state, step, RNG) and `meta` (JSON: step, data position, model config). Saves are
-asynchronous; Orbax writes into a temporary directory and renames it only when complete,
-so a half-written checkpoint (killed process) is never listed or restored. The last
-`keep` checkpoints are kept, plus the one with the best validation top-1.
+asynchronous; Orbax finalises a step only when it is complete (locally a rename of its
+temporary directory, on an object store a `commit_success.txt` written last), so a
+half-written checkpoint (killed process) is never listed or restored. WORKDIR may be a
+local path or a `gs://` URL. The last `keep` checkpoints are kept, plus the one with the
+best validation top-1.
 Restoring takes a target of ShapeDtypeStructs with shardings: the state lands on whatever
 mesh the new run uses (another device count works).
 """
@@ -20,13 +22,14 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
+from uniformerv2_jax import storage
 from uniformerv2_jax.training.state import abstract_state
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(storage.absolute(workdir), "checkpoints")
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=max(int(keep), 1)),
         ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["top1"], reverse=False, n=1,
@@ -94,17 +97,20 @@ class PreemptionWatcher:
 def step_directory(path: str) -> str | None:
   """`WORKDIR` or `WORKDIR/checkpoints` (the latest step), `WORKDIR/checkpoints/STEP` -> the step.
 
-  None when `path` is neither. Only finished checkpoints count: Orbax writes a step under a
-  temporary name and renames it to the bare step number when complete.
+  None when `path` is neither. Only finished checkpoints count (Orbax's own test: a step
+  renamed from its temporary name, or one with its commit marker on an object store).
   """
-  path = os.path.abspath(os.fspath(path))
-  if all(os.path.isdir(os.path.join(path, item)) for item in ("state", "meta")):
+  path = storage.absolute(path)
+  names = storage.listdir(path)
+  if "state" in names and "meta" in names:
     return path
-  root = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-  if not os.path.isdir(root):
+  if os.path.basename(path) == "checkpoints" and storage.isdir(path):
+    root = path
+  elif "checkpoints" in names:
+    root = os.path.join(path, "checkpoints")
+  else:
     return None
-  steps = [int(n) for n in os.listdir(root)
-           if n.isdigit() and os.path.isdir(os.path.join(root, n, "state"))]
+  steps = [s for s in ocp.utils.checkpoint_steps(root) if storage.isdir(os.path.join(root, str(s)))]
   if not steps:
     from uniformerv2_jax.checkpoint import CheckpointError
     raise CheckpointError(f"{path} is a training workdir without a finished checkpoint; wait "
@@ -115,7 +121,7 @@ def step_directory(path: str) -> str | None:
 
 def read_meta(step_dir: str) -> dict:
   """The `meta` item of a checkpoint: step, data position, model config, class names."""
-  return copy.deepcopy(_read_meta(os.path.abspath(step_dir)))
+  return copy.deepcopy(_read_meta(storage.absolute(step_dir)))
 
 
 @functools.lru_cache(maxsize=16)  # a finished step never changes; readers ask several times

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 
+from uniformerv2_jax import storage
 from uniformerv2_jax.config import FIELDS
 from uniformerv2_jax.sharding import MESH_AXES
 
@@ -127,13 +127,16 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
   name = config.dataset.name
   if name not in (data_io.FAKE, "synthetic"):
     where = data_io.dataset_dir(config)
-    if not config.dataset.data_dir or not os.path.isdir(where):
+    if not config.dataset.data_dir or not storage.isdir(where):
       problems.append(
           f"config.dataset: no built dataset {name!r} at {where}. Build it first: `python -m "
           f"uniformerv2_jax.data.build --config {name} --manual_dir RAW --data_dir DIR`, then "
           "pass --config.dataset.data_dir=DIR")
   elif name == "synthetic" and not config.dataset.data_dir:
     problems.append("config.dataset.data_dir must name a folder for the synthetic dataset")
+  elif name == "synthetic" and storage.is_url(config.dataset.data_dir):
+    problems.append(f"config.dataset.data_dir={config.dataset.data_dir}: the synthetic dataset "
+                    "is rendered and built on a local disk; give a local folder")
   if not problems:
     problems += _init_problems(config, cfg)
   if problems:

@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from uniformerv2_jax import sharding as shd
-from uniformerv2_jax.checkpoint import CheckpointError, local_path
+from uniformerv2_jax import storage
 from uniformerv2_jax.config import model_config
 from uniformerv2_jax.training import config_check, data_io
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher
@@ -73,9 +73,9 @@ def flops_per_step(lowered) -> float | None:
 
 
 class Writer:
-  """TensorBoard scalars from process 0 only."""
+  """TensorBoard scalars from process 0 only (tf.summary: local paths and gs:// alike)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, logdir: str):
     self.tb = None
     if jax.process_index() == 0:
       import tensorflow as tf
@@ -84,7 +84,7 @@ class Writer:
       self.tf = tf
       self.metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
       self.metadata.plugin_data.plugin_name = "scalars"
-      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self.tb = tf.summary.create_file_writer(logdir)
 
   def scalars(self, step: int, values: dict) -> None:
     if self.tb is not None:
@@ -114,12 +114,10 @@ def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json."""
   t0 = time.time()
-  try:
-    workdir = local_path(workdir, "--workdir")
-  except CheckpointError as e:
-    raise config_check.ConfigError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
+  if jax.process_index() == 0:
+    storage.makedirs(workdir)
   cfg = build_model_config(config)
   tc = config.train
   mesh = make_mesh(config)
@@ -155,7 +153,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            batch_shards, mesh)
   p_eval = jit_eval_step(make_eval_step(mdef), shardings["params"], shardings["batch_stats"],
                          dict(batch_shards, mask=shd.batch_sharding(mesh, 1)), mesh)
-  writer = Writer(workdir)
+  writer = Writer(storage.absolute(tc.get("tensorboard_dir") or
+                                   os.path.join(workdir, "tensorboard")))
   preempt = PreemptionWatcher()
   log(f"{cfg.layers}-layer UniFormerV2 width {cfg.width}, {total_steps} steps "
       f"({steps_per_epoch}/epoch), global batch {tc.global_batch_size}, mesh "
@@ -177,6 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step += 1
     if step == start + 1:  # compilation is not a step time
       jax.block_until_ready(metrics)
+      log(f"compiled and ran step {step} in {time.time() - tick:.1f}s")
       tick, tick_step = time.time(), step
     is_eval = step % eval_every == 0 or step == total_steps
     is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
@@ -190,19 +190,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"stopped. The last good checkpoint is step {last_good} in {ckpt.directory} "
             "(nothing later was saved). Lower train.base_lr or check the data, then rerun "
             "to resume from it.")
-      now = time.time()
-      dt = (now - tick) / max(step - tick_step, 1)
-      tick, tick_step = now, step
       line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
-              f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g} "
-              f"| {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step")
-      if flops and peak:
-        line += f" MFU {flops / dt / (peak * jax.device_count()):.1%}"
-      line += f" ETA {_fmt(dt * (total_steps - step))}"
+              f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
+      scalars = {"train/" + k: v for k, v in m.items()}
+      if step > tick_step:  # no time yet for the step that compiled
+        now = time.time()
+        dt = (now - tick) / (step - tick_step)
+        tick, tick_step = now, step
+        line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
+        if flops and peak:
+          line += f" MFU {flops / dt / (peak * jax.device_count()):.1%}"
+        line += f" ETA {_fmt(dt * (total_steps - step))}"
+        scalars["perf/clips_per_s"] = tc.global_batch_size / dt
       log(line)
-      writer.scalars(step, {"train/" + k: v for k, v in m.items()}
-                     | {"perf/clips_per_s": tc.global_batch_size / dt})
-    ev = None
+      writer.scalars(step, scalars)
+    ev, paused = None, time.time()  # evaluation and saving do not count as step time
     if is_eval:
       ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
       if best_step is None or ev["top1"] >= best:  # a tie goes to the later step, as the
@@ -216,6 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   best_step=best_step)
       ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
       last_good = step
+    tick += time.time() - paused
     if preempted:
       log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
       break
@@ -227,9 +230,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "preempted": preempted, "history": history,
              "final_train_loss": float(jax.device_get(metrics["loss"])) if metrics else None}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
-    if best_step is not None and os.path.isdir(os.path.join(ckpt.directory, str(best_step))):
+    storage.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+    if best_step is not None and storage.isdir(os.path.join(ckpt.directory, str(best_step))):
       log(f"Evaluate or convert the weights: eval.py --checkpoint={workdir} (latest step) or "
           f"--checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
   return summary

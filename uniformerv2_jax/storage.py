@@ -1,0 +1,86 @@
+"""Where model directories, workdirs and datasets live: local paths or object-store URLs.
+
+Everything that reads or writes them goes through here (etils.epath, as Orbax and TFDS do):
+a local path (made absolute) or a `gs://` / `s3://` URL (kept as written; epath reaches it
+through tf.io.gfile, or fsspec when TensorFlow is absent or EPATH_USE_TF=false). Paths stay
+strings; `os.path.join/basename/dirname` are correct for both on POSIX.
+
+Atomicity differs. Locally a file is written under a temporary name and renamed into place.
+An object store writes each object atomically but cannot rename a directory, so writers put
+the file that marks a directory complete last (Orbax's `commit_success.txt`, a model
+directory's `config.json`) and never replace a directory in place.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from etils import epath
+
+
+def is_url(path) -> bool:
+  return "://" in os.fspath(path)
+
+
+def absolute(path) -> str:
+  """An absolute local path, or the URL without a trailing slash."""
+  path = os.fspath(path)
+  return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+
+
+def exists(path) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def listdir(path) -> list[str]:
+  """Names (not paths) in a directory; [] when there is none."""
+  p = epath.Path(path)
+  return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+
+
+def makedirs(path) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path) -> str:
+  return epath.Path(path).read_text(encoding="utf-8")
+
+
+def write_text(path, text: str) -> None:
+  """Writes `text` so that a reader sees the old file or the new one, never a part of it."""
+  path = os.fspath(path)
+  if is_url(path):  # one object upload is atomic
+    epath.Path(path).write_text(text, encoding="utf-8")
+    return
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def find_dirs_containing(root, filename: str, max_depth: int = 6) -> list[str]:
+  """Directories at or below `root` (at most `max_depth` levels) that hold `filename`.
+
+  A directory that holds it is not searched further (on an object store every listing and
+  every is-directory test is a request; a dataset's shard files are never visited).
+  """
+  found, level = [], [absolute(root)]
+  for _ in range(max_depth + 1):
+    below = []
+    for d in level:
+      names = listdir(d)
+      if filename in names:
+        found.append(d)
+      else:
+        below += [os.path.join(d, n) for n in names if isdir(os.path.join(d, n))]
+    level = below
+  return sorted(found)
