@@ -8,12 +8,14 @@ tensorstore (Orbax's arrays) and ArrayRecord's Cloud Storage client. TensorBoard
 through TensorFlow's own GCS client, so the run writes them to a local folder here.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +63,36 @@ def test_whole_job_in_a_bucket(gcs_env, tmp_path):
        str(tmp_path)], env=gcs_env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
   assert "object store run: OK" in out.stdout
+
+
+def _helper(gcs_env, mode, workdir, overrides, processes):
+  env = dict(gcs_env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  if processes > 1:
+    port = _free_port()
+    runs = [dict(overrides, coordinator=f"127.0.0.1:{port}", num_processes=processes,
+                 process_id=i) for i in range(processes)]
+  else:
+    runs = [overrides]
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_helper.py"), mode,
+                             workdir, json.dumps(o)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for o in runs]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def test_two_hosts_share_a_bucket_workdir(gcs_env, tmp_path):
+  """Two processes (fsdp 2: each host writes its half of the sharded arrays) train into one
+  gs:// workdir; the run reads back on one process with exactly the state they restore."""
+  workdir = f"gs://{BUCKET}/runs/two_hosts"
+  common = {"train.steps_per_epoch": 4, "train.checkpoint_every_steps": 2, "out_dir": str(tmp_path),
+            "train.tensorboard_dir": str(tmp_path / "tb")}
+  out = _helper(gcs_env, "train", workdir, dict(common, **{"mesh.data": 1, "mesh.fsdp": 2}), 2)
+  assert "SHARDING P('fsdp', None)" in out[0]  # the head kernel really is split over hosts
+  _helper(gcs_env, "load", workdir, common, 1)
+  trained, loaded = np.load(tmp_path / "params.npz"), np.load(tmp_path / "loaded_1.npz")
+  assert int(trained["step"]) == 4
+  assert sorted(loaded.files) == sorted(k for k in trained.files if k != "step")
+  for k in loaded.files:
+    np.testing.assert_array_equal(loaded[k], trained[k], err_msg=k)

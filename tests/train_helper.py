@@ -7,7 +7,8 @@
 (final parameters). `restore` loads the latest checkpoint of WORKDIR onto this process's
 devices and writes WORKDIR/restored_<n>.npz. `load` reads the run as a model
 (`load_pretrained(WORKDIR, mesh=...)`, what eval.py and init_from do) and writes
-WORKDIR/loaded_<processes>.npz.
+WORKDIR/loaded_<processes>.npz. An "out_dir" override puts the .npz files there instead
+(a local folder, when WORKDIR is a gs:// URL).
 """
 
 import json
@@ -74,6 +75,7 @@ def restore(config, workdir):
 
 def main():
   mode, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+  out_dir = overrides.pop("out_dir", workdir)
   if "coordinator" in overrides:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(overrides.pop("coordinator"), overrides.pop("num_processes"),
@@ -87,7 +89,7 @@ def main():
     model = load_pretrained(workdir, mesh=make_mesh(config))
     loaded = flat_weights(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
     if jax.process_index() == 0:
-      np.savez(os.path.join(workdir, f"loaded_{jax.process_count()}.npz"), **loaded)
+      np.savez(os.path.join(out_dir, f"loaded_{jax.process_count()}.npz"), **loaded)
     return
   if mode == "train":
     from uniformerv2_jax.training.loop import train_and_evaluate
@@ -96,7 +98,7 @@ def main():
   params = flat_params(state)
   if jax.process_index() == 0:
     name = "params.npz" if mode == "train" else f"restored_{jax.device_count()}.npz"
-    np.savez(os.path.join(workdir, name), step=meta["step"], **params)
+    np.savez(os.path.join(out_dir, name), step=meta["step"], **params)
     # sharding of one large matrix, for the test to see that fsdp really split it
     leaf = state["params"]["head"]["fc"]["kernel"]
     print("SHARDING", leaf.sharding.spec, flush=True)
