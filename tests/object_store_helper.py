@@ -85,6 +85,18 @@ def main():
   remote = recipe(f"{bucket}/tfds", dataset, os.path.join(tmp, "tb_remote"))
   run_local, run_remote = os.path.join(tmp, "run"), f"{bucket}/runs/demo"
 
+  # A bucket that does not exist (or cannot be written) stops the job before it compiles.
+  from uniformerv2_jax.evaluation.driver import EvalConfigError
+  from uniformerv2_jax.training.config_check import ConfigError
+  for job, error in ((lambda: train_and_evaluate(remote, "gs://no-such-bucket/run"), ConfigError),
+                     (lambda: evaluate_checkpoint(remote, run_remote, "gs://no-such-bucket/ev"),
+                      EvalConfigError)):
+    try:
+      job()
+      raise AssertionError("wrote to a bucket that does not exist")
+    except error as e:
+      assert "gs://no-such-bucket/" in str(e) and "cannot write there" in str(e), e
+
   expected = train_and_evaluate(local, run_local)
   real, preempted = preempt_after(2)
   data_io.train_batches = preempted

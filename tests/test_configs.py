@@ -118,6 +118,13 @@ def test_init_checkpoint_of_another_model(tmp_path):
     check(c, n_devices=1)
 
 
+def test_unwritable_workdir_stops_before_anything(tmp_path):
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ConfigError, match=r"--workdir .*file/run: cannot write there"):
+    train_and_evaluate(tiny(), str(tmp_path / "file" / "run"))
+
+
 def test_train_py_reports_bad_config_without_traceback(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/demo.py",

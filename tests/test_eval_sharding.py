@@ -41,7 +41,8 @@ np.savez(out, ids=res.video_ids, labels=res.labels, scores=res.scores,
 
 def _run(tmp_path, name, mode, devices, extra=()):
   script = tmp_path / "run_eval.py"
-  script.write_text(SCRIPT)
+  if not script.exists():  # once: rewriting it while a started process reads it races
+    script.write_text(SCRIPT)
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   out = tmp_path / f"{name}.npz"

@@ -47,6 +47,21 @@ def makedirs(path) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def ensure_writable(directory) -> None:
+  """Creates `directory` and writes (then deletes) one small file in it, so that a missing
+  bucket or missing write permission stops a job now, not at its first save."""
+  probe = os.path.join(os.fspath(directory), f".write-check-{uuid.uuid4().hex[:8]}")
+  try:
+    makedirs(directory)
+    epath.Path(probe).write_text("ok")
+    epath.Path(probe).unlink()
+  except Exception as e:  # noqa: BLE001  (OSError locally; gcsfs / TensorFlow errors in buckets)
+    raise PermissionError(
+        f"{directory}: cannot write there ({type(e).__name__}: {e}). Check that it exists (for "
+        "gs://, the bucket) and that this machine may write to it (on a Cloud TPU VM, a service "
+        "account with Storage write access)") from None
+
+
 def read_text(path) -> str:
   return epath.Path(path).read_text(encoding="utf-8")
 

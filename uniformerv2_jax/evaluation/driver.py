@@ -137,6 +137,11 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
   if workdir is not None:
     workdir = storage.absolute(workdir)
+    if jax.process_index() == 0:  # before the evaluation, not after it
+      try:
+        storage.ensure_writable(workdir)
+      except PermissionError as e:
+        raise EvalConfigError(f"--workdir {e}") from None
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))

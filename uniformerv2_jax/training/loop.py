@@ -117,7 +117,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
   if jax.process_index() == 0:
-    storage.makedirs(workdir)
+    try:
+      storage.ensure_writable(workdir)
+    except PermissionError as e:
+      raise config_check.ConfigError(f"--workdir {e}") from None
   cfg = build_model_config(config)
   tc = config.train
   mesh = make_mesh(config)
