@@ -260,3 +260,15 @@ def test_mismatch_only_the_rules_see_is_named_by_key(tmp_path):
   err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "bad.pyth", "--model",
              config_file(tmp_path, "tiny_k400"))
   assert "bad.pyth" in err and "transformer.dpe.1.bias" in err and "(3,)" in err
+
+
+def test_torch_files_in_a_bucket_are_refused_with_what_to_do(tmp_path):
+  err = _bad(tmp_path, "uniformerv2", "--input", "gs://bucket/k400_b16.pyth", "--model",
+             config_file(tmp_path, "tiny_k400"))
+  assert "gs://bucket/k400_b16.pyth: PyTorch files are read from a local disk" in err
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model",
+                  config_file(tmp_path, "tiny_k400"), "--output", tmp_path / "m")
+  assert code == 0, err
+  code, err = cli("export", "--input", tmp_path / "m", "--layout", "original", "--output",
+                  "gs://bucket/k400_b16.pyth")
+  assert code == 2 and "PyTorch files are written to a local disk" in err, err

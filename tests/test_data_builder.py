@@ -137,3 +137,10 @@ def test_build_command_line(tmp_path):
         str(tmp_path / "tfds" / "video_classification" / "synthetic" / "1.0.0"))
     assert built.info.splits["validation"].num_examples == 4
     assert built.info.file_format.value == "array_record"
+
+
+def test_build_into_a_bucket_is_refused_with_what_to_do(tmp_path):
+    from uniformerv2_jax.data.build import main
+    with pytest.raises(SystemExit, match="build on a local disk, then copy the dataset folder"):
+        main(["--config", "synthetic", "--manual_dir", str(tmp_path), "--data_dir", "gs://b/tfds"])
+    assert os.listdir(tmp_path) == []

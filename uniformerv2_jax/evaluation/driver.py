@@ -131,8 +131,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   ``builder``: the TFDS builder (default: from ``config.dataset`` as train.py finds it).
   Writes ``WORKDIR/results.jsonl`` and ``WORKDIR/summary.json`` when ``workdir`` is given.
   """
-  from uniformerv2_jax import data
-  from uniformerv2_jax import storage
+  from uniformerv2_jax import data, storage
   from uniformerv2_jax.checkpoint import resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
   if workdir is not None:
