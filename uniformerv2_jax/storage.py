@@ -1,9 +1,10 @@
 """Where model directories, workdirs and datasets live: local paths or object-store URLs.
 
 Everything that reads or writes them goes through here (etils.epath, as Orbax and TFDS do):
-a local path (made absolute) or a `gs://` / `s3://` URL (kept as written; epath reaches it
-through tf.io.gfile, or fsspec when TensorFlow is absent or EPATH_USE_TF=false). Paths stay
-strings; `os.path.join/basename/dirname` are correct for both on POSIX.
+a local path (made absolute) or a `gs://` URL (kept as written; epath reaches it through
+tf.io.gfile, or fsspec when TensorFlow is absent or EPATH_USE_TF=false; `s3://` takes the same
+calls but is untested). Paths stay strings; `os.path.join/basename/dirname` are correct for
+both on POSIX.
 
 Atomicity differs. Locally a file is written under a temporary name and renamed into place.
 An object store writes each object atomically but cannot rename a directory, so writers put
