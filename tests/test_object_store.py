@@ -1,11 +1,10 @@
 """Datasets, workdirs, model directories and evaluation output in a gs:// bucket.
 
 A local Cloud Storage emulator (gcp-storage-emulator, tests/gcs_emulator.py) stands in for the
-bucket; every client
-the product uses is pointed at it: etils.epath through fsspec/gcsfs (EPATH_USE_TF=false: in
-production epath reaches gs:// through tf.io.gfile, whose endpoint cannot be redirected),
-tensorstore (Orbax's arrays) and ArrayRecord's Cloud Storage client. TensorBoard events go
-through TensorFlow's own GCS client, so the run writes them to a local folder here.
+bucket; every client the product uses is pointed at it: etils.epath through fsspec/gcsfs
+(EPATH_USE_TF=false: in production epath reaches gs:// through tf.io.gfile, whose endpoint
+cannot be redirected), tensorstore (Orbax's arrays) and ArrayRecord's Cloud Storage client.
+TensorBoard events go through TensorFlow's own GCS client, so the runs write them locally.
 """
 
 import json
