@@ -38,7 +38,7 @@ def recipe(data_dir: str, dataset: str, tensorboard_dir: str):
   c = get_config()
   c.dataset.update(name=dataset, data_dir=data_dir)  # the built dataset, found by name
   c.train.update(global_batch_size=8, epochs=2, warmup_epochs=0.5, log_every_steps=1,
-                 checkpoint_every_steps=2, keep_checkpoints=3, eval_every_epochs=1,
+                 checkpoint_every_steps=2, keep_checkpoints=1, eval_every_epochs=1,
                  tensorboard_dir=tensorboard_dir)
   c.eval.per_device_batch = 8
   return c
@@ -71,7 +71,7 @@ def assert_same(a: dict, b: dict) -> None:
 def main():
   bucket, tmp = sys.argv[1], sys.argv[2]
   from convert import checkpoint_to_model_dir
-  from uniformerv2_jax import checkpoint
+  from uniformerv2_jax import checkpoint, storage
   from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES, prepare_synthetic_dataset
   from uniformerv2_jax.evaluation.driver import evaluate_checkpoint
   from uniformerv2_jax.training import data_io
@@ -112,6 +112,10 @@ def main():
 
   # The run read as a model (eval.py, init_from, convert): its latest finished step. A step
   # the bucket holds without Orbax's commit marker (a writer that died) is not one.
+  # Orbax's retention works in the bucket too (keep 1, plus the best): as on local disk.
+  kept = storage.listdir(f"{run_remote}/checkpoints")
+  assert kept == sorted({"4", str(expected["best_step"])})
+  assert kept == sorted(os.listdir(os.path.join(run_local, "checkpoints")))
   junk = epath.Path(run_remote, "checkpoints", "9", "state")
   junk.mkdir(parents=True)
   (junk / "_METADATA").write_text("{}")
