@@ -110,12 +110,13 @@ def main():
   assert summary["best_step"] == expected["best_step"]
   assert os.listdir(os.path.join(tmp, "tb_remote"))
 
-  # The run read as a model (eval.py, init_from, convert): its latest finished step. A step
-  # the bucket holds without Orbax's commit marker (a writer that died) is not one.
   # Orbax's retention works in the bucket too (keep 1, plus the best): as on local disk.
   kept = storage.listdir(f"{run_remote}/checkpoints")
   assert kept == sorted({"4", str(expected["best_step"])})
   assert kept == sorted(os.listdir(os.path.join(run_local, "checkpoints")))
+
+  # The run read as a model (eval.py, init_from, convert): its latest finished step. A step
+  # the bucket holds without Orbax's commit marker (a writer that died) is not one.
   junk = epath.Path(run_remote, "checkpoints", "9", "state")
   junk.mkdir(parents=True)
   (junk / "_METADATA").write_text("{}")
@@ -145,7 +146,8 @@ def main():
   except checkpoint.CheckpointError as e:
     assert "is not a UniFormerV2 model directory (missing config.json)" in str(e), e
 
-  # Evaluation: the bucket's run, dataset and output folder give the local evaluation's files.
+  # Evaluation: the bucket's model directory, dataset and output folder give the local run's
+  # evaluation files.
   out_local, out_remote = os.path.join(tmp, "eval"), f"{bucket}/eval/demo"
   a = evaluate_checkpoint(local, run_local, out_local, log=lambda m: None)
   b = evaluate_checkpoint(remote, model_dir, out_remote, log=lambda m: None)
