@@ -23,8 +23,8 @@ def _read_class_names(path: str | None) -> list[str] | None:
     return None
   if not os.path.isfile(path):
     raise ConversionError(f"--class-names {path}: no such file")
-  with open(path) as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+  from uniformerv2_jax.heads import read_class_names_file
+  return read_class_names_file(path)
 
 
 def _own_leaves(tree: dict, dtype) -> dict:

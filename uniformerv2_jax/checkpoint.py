@@ -225,7 +225,8 @@ def read_class_names(directory: str) -> list[str] | None:
   path = os.path.join(directory, CLASS_NAMES_FILE)
   if not storage.exists(path):
     return None
-  return [line for line in storage.read_text(path).split("\n") if line.strip()]
+  from uniformerv2_jax.heads import read_class_names_file
+  return read_class_names_file(path)
 
 
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -306,8 +307,8 @@ def restore_weights(directory: str, target: Mapping | None = None) -> dict:
     tree = checkpointing.restore_weights(directory)
     return tree if target is None else jax.tree.map(_place, tree, target)
   path = os.path.join(directory, WEIGHTS_DIR)
-  stored = stored_shapes(directory)
   if target is None:
+    stored = stored_shapes(directory)
     flat_target = {k: jax.ShapeDtypeStruct(s, np.dtype(d)) for k, (s, d) in stored.items()}
     restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in stored}
     with ocp.PyTreeCheckpointer() as ckptr:

@@ -25,12 +25,23 @@ def _label_maps_dir():
   return resources.files("uniformerv2_jax") / "label_maps"
 
 
+def parse_class_names(text: str) -> list[str]:
+  """A class list file's text -> names (line i is class i; blank lines are skipped)."""
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def read_class_names_file(path) -> list[str]:
+  """The names in a class list file (local path or gs:// URL)."""
+  from uniformerv2_jax import storage
+  return parse_class_names(storage.read_text(path))
+
+
 def builtin_class_names(name: str) -> list[str]:
   """Class names of "k400"|"k600"|"k700"|"k710"|"mit"|"sthv2" (line i is class i)."""
   path = _label_maps_dir() / f"label_map_{name}.txt"
   if not path.is_file():
     raise ValueError(f"no built-in class list {name!r}")
-  return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+  return parse_class_names(path.read_text())
 
 
 def load_index_map(name_or_path: str | os.PathLike | Sequence[int]) -> np.ndarray:

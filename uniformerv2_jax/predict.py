@@ -81,8 +81,7 @@ def class_names_for(checkpoint: str, class_names_file=None, head_map=None,
   from uniformerv2_jax import heads
   from uniformerv2_jax.checkpoint import read_class_names
   if class_names_file:
-    with open(class_names_file, encoding="utf-8") as f:
-      names = [line.rstrip("\n") for line in f if line.strip()]
+    names = heads.read_class_names_file(class_names_file)
   elif head_map is not None and heads.builtin_name(head_map):
     names = heads.builtin_class_names(heads.builtin_name(head_map))
   elif head_map is not None:

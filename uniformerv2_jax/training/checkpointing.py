@@ -110,7 +110,7 @@ def step_directory(path: str) -> str | None:
     root = os.path.join(path, "checkpoints")
   else:
     return None
-  steps = [s for s in ocp.utils.checkpoint_steps(root) if storage.isdir(os.path.join(root, str(s)))]
+  steps = [int(p.name) for p in ocp.utils.checkpoint_steps_paths(root) if p.name.isdigit()]
   if not steps:
     from uniformerv2_jax.checkpoint import CheckpointError
     raise CheckpointError(f"{path} is a training workdir without a finished checkpoint; wait "

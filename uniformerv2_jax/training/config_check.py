@@ -54,7 +54,7 @@ def _init_problems(config, cfg) -> list[str]:
   except CheckpointError as e:
     return [f"config.init_from: {e}"]
   expected = {".".join(map(str, p)): tuple(s.shape) for p, s in flatten(weight_shapes(cfg)).items()}
-  if config.head_map and config.get("init_new_head"):
+  if config.head_map and config.init_new_head:
     return [f"config.head_map={config.head_map!r} and config.init_new_head=True: the head is "
             "either remapped from init_from's or new; set one of them"]
   if config.head_map:
@@ -66,7 +66,7 @@ def _init_problems(config, cfg) -> list[str]:
     if rows != cfg.num_classes:
       return [f"config.head_map={config.head_map!r} has {rows} classes but config.model."
               f"num_classes={cfg.num_classes}"]
-  if config.head_map or config.get("init_new_head"):  # head.fc: remapped, or from the seed
+  if config.head_map or config.init_new_head:  # head.fc: remapped, or from the seed
     expected = {k: v for k, v in expected.items() if not k.startswith("head.fc")}
     stored = {k: v for k, v in stored.items() if not k.startswith("head.fc")}
   wrong = sorted(k for k in expected if stored.get(k) != expected[k])

@@ -148,7 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     state, _ = create_train_state(mdef, tx, mesh, seed=tc.seed, frozen=cfg.frozen,
                                   init_weights=init_weights(config, cfg, mesh),
-                                  new_head=bool(config.get("init_new_head")))
+                                  new_head=config.init_new_head)
   start = int(jax.device_get(state["step"]))
 
   batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}
@@ -156,8 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            batch_shards, mesh)
   p_eval = jit_eval_step(make_eval_step(mdef), shardings["params"], shardings["batch_stats"],
                          dict(batch_shards, mask=shd.batch_sharding(mesh, 1)), mesh)
-  writer = Writer(storage.absolute(tc.get("tensorboard_dir") or
-                                   os.path.join(workdir, "tensorboard")))
+  writer = Writer(storage.absolute(tc.tensorboard_dir or os.path.join(workdir, "tensorboard")))
   preempt = PreemptionWatcher()
   log(f"{cfg.layers}-layer UniFormerV2 width {cfg.width}, {total_steps} steps "
       f"({steps_per_epoch}/epoch), global batch {tc.global_batch_size}, mesh "
