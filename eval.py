@@ -42,8 +42,7 @@ def main(argv):
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value
   from uniformerv2_jax import storage
-  path = storage.absolute(_CHECKPOINT.value)
-  path = path if storage.is_url(path) else os.path.normpath(path)
+  path = storage.absolute(_CHECKPOINT.value)  # normalised: no trailing slash, no ".."
   name = os.path.basename(path)
   if name.isdigit():  # WORKDIR/checkpoints/STEP
     name = f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}-step{name}"
