@@ -110,6 +110,20 @@ def test_head_map_when_loading(tmp_path):
                                 np.asarray(model.head.fc.bias[...])[index])
 
 
+def test_head_class_names(saved, tmp_path):
+  """The names that go with the head load_pretrained returns, with and without a head map."""
+  from uniformerv2_jax import heads
+  assert checkpoint.head_class_names(saved) == [f"c{i}" for i in range(5)]
+  save_pretrained(tmp_path / "k710", tiny_model(num_classes=710),
+                  class_names=heads.builtin_class_names("k710"))
+  k600 = heads.builtin_class_names("k600")
+  assert len(k600) == 600
+  assert checkpoint.head_class_names(tmp_path / "k710", "k600") == k600
+  assert checkpoint.head_class_names(tmp_path / "k710", list(range(5))) is None  # custom map
+  save_pretrained(tmp_path / "unnamed", tiny_model())
+  assert checkpoint.head_class_names(tmp_path / "unnamed") is None
+
+
 def test_bad_directories(saved, tmp_path):
   with pytest.raises(CheckpointError, match="no such model directory"):
     load_pretrained(tmp_path / "nothing")

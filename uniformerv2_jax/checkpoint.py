@@ -229,6 +229,20 @@ def read_class_names(directory: str) -> list[str] | None:
   return read_class_names_file(path)
 
 
+def head_class_names(directory: str, head_map=None) -> list[str] | None:
+  """Class names of the head ``load_pretrained(directory, head_map=head_map)`` returns.
+
+  A built-in map (``k400|k600|k700``) names its rows; a custom map (a file or a list of rows)
+  leaves them unknown, as the checkpoint's names belong to the head before the map; without a
+  map, the checkpoint's own list (None when it has none).
+  """
+  if head_map is None:
+    return read_class_names(directory)
+  from uniformerv2_jax import heads
+  name = heads.builtin_name(head_map)
+  return heads.builtin_class_names(name) if name else None
+
+
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """{flat key: (shape, dtype name)} from the Orbax metadata (reads no array data)."""
   import orbax.checkpoint as ocp

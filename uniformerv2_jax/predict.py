@@ -78,16 +78,13 @@ class Predictor:
 
 def class_names_for(checkpoint: str, class_names_file=None, head_map=None,
                     num_classes: int | None = None) -> list[str] | None:
+  """Names for the predicted head: ``--class-names`` > the head map's or checkpoint's list."""
   from uniformerv2_jax import heads
-  from uniformerv2_jax.checkpoint import read_class_names
+  from uniformerv2_jax.checkpoint import head_class_names
   if class_names_file:
     names = heads.read_class_names_file(class_names_file)
-  elif head_map is not None and heads.builtin_name(head_map):
-    names = heads.builtin_class_names(heads.builtin_name(head_map))
-  elif head_map is not None:
-    names = None  # a custom map: the checkpoint's (source) names no longer apply
   else:
-    names = read_class_names(checkpoint)
+    names = head_class_names(checkpoint, head_map)
   if names is not None and num_classes is not None and len(names) != num_classes:
     raise ValueError(f"{class_names_file or checkpoint}: {len(names)} class names for a "
                      f"{num_classes}-way head")

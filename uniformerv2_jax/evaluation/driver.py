@@ -34,15 +34,9 @@ def _get(cfg, key, default=None):
 
 
 def class_names_for(config, checkpoint: str, num_classes: int):
-  """Names for the evaluated head: head map's built-in list > checkpoint's > config.dataset's."""
-  from uniformerv2_jax import heads
-  from uniformerv2_jax.checkpoint import read_class_names
-  head_map = _get(config.eval, "head_map")
-  if head_map is not None:
-    name = heads.builtin_name(head_map)
-    names = heads.builtin_class_names(name) if name else None
-  else:
-    names = read_class_names(checkpoint)
+  """Names for the evaluated head: the head map's or the checkpoint's, else config.dataset's."""
+  from uniformerv2_jax.checkpoint import head_class_names
+  names = head_class_names(checkpoint, _get(config.eval, "head_map"))
   if names is None and _get(config.dataset, "class_names"):
     from uniformerv2_jax.data.annotations import load_class_names
     names = list(load_class_names(config.dataset.class_names))
