@@ -1,7 +1,8 @@
 """AdamW with the upstream's schedule: per-iteration linear warm-up, then cosine to min_lr.
 
-Weight decay applies to every parameter with more than one dimension (1-D: biases, norm
-scales, class embedding, balance are not decayed); gradients are clipped at a global L2 norm.
+Weight decay applies to every parameter the upstream holds as a tensor of more than one
+dimension (its 1-D ones: biases, norm scales, class embedding, balance are not decayed);
+gradients are clipped at a global L2 norm.
 """
 
 from __future__ import annotations
@@ -35,9 +36,18 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int,
   return schedule
 
 
+# Leaf names of the parameters that are 1-D upstream. The rank here is no guide: the fused
+# projections keep their biases as (3, C) / (2, C) (upstream: one (3C,) in_proj_bias) and
+# scanned blocks add a layer axis to every backbone parameter.
+NO_DECAY = frozenset({"bias", "dw_bias", "scale", "class_embedding", "balance"})
+
+
 def decay_mask(params):
-  """True for parameters that get weight decay (ndim > 1)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True for parameters that get weight decay (those the upstream holds as >1-D tensors)."""
+  def decays(path, _):
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None)) not in NO_DECAY
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train_cfg, total_steps: int, steps_per_epoch: int):
