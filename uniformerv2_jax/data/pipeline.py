@@ -101,7 +101,8 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     """Infinite train batches ``{"video": uint8 (B, T, S, S, 3), "label": int32 (B,)}``.
 
     ``num_samples`` > 1: repeated augmentation, ``B // num_samples`` videos per batch, each
-    ``num_samples`` times (consecutive) with independent crops/frames/flips. ``flip=None`` uses
+    ``num_samples`` times (consecutive): the same sampled frames with independent crops and
+    flips (and RandAugment, on the accelerator), as the upstream's ``AUG.NUM_SAMPLE``. ``flip=None`` uses
     the dataset's setting (off for SSv2 and the synthetic set). ``host_randaugment`` applies
     :func:`uniformerv2_jax.data.randaugment` on the host CPU (for inspection; train on the
     accelerator instead). ``start_step`` = batches this host already consumed.
@@ -120,14 +121,13 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     salt = seed ^ _SEED_SALT
 
     def one_video(pos, index):
-        # frame indices: numpy UniformSample seeded by (seed, stream position, sample)
+        # frame indices: numpy UniformSample seeded by (seed, stream position)
         jpegs, label = tf.numpy_function(
-            lambda i, p: videos.train_clips(i, (salt, p), clip_len, num_samples),
+            lambda i, p: videos.train_clip(i, (salt, p), clip_len),
             [index, pos], [tf.string, tf.int32], stateful=False)
-        jpegs = tf.ensure_shape(jpegs, [num_samples * clip_len])
+        jpegs = tf.ensure_shape(jpegs, [clip_len])
         video_seed = tf.stack([tf.constant(salt, tf.int64), pos])
-        clips = [_train_sample(jpegs[k * clip_len:(k + 1) * clip_len],
-                               tf.random.experimental.stateless_fold_in(video_seed, k),
+        clips = [_train_sample(jpegs, tf.random.experimental.stateless_fold_in(video_seed, k),
                                clip_len, crop_size, flip, tuple(area_range), tuple(ratio_range))
                  for k in range(num_samples)]
         return {"video": tf.stack(clips),

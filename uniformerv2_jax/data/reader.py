@@ -64,15 +64,16 @@ class StoredVideos:
         first = int(f["first_frame"].int64_list.value[0])
         return list(self.store.__getitems__([first + p for p in positions])), label
 
-    def train_clips(self, index, seed_key, clip_len: int, num_samples: int):
-        """JPEGs of ``num_samples`` train-mode clips (num_samples * clip_len,) and the label.
+    def train_clip(self, index, seed_key, clip_len: int):
+        """JPEGs of one train-mode clip (clip_len,) and the label.
 
-        The k-th clip's indices use ``np.random.default_rng([*seed_key, k])``.
+        The indices use ``np.random.default_rng([*seed_key, 0])``. Repeated augmentation
+        crops these same frames again: the upstream decodes a clip's frames once and augments
+        them ``AUG.NUM_SAMPLE`` times.
         """
         keys = [int(k) for k in np.asarray(seed_key).reshape(-1)]
-        jpegs, label = self.choose(index, lambda n: np.concatenate([
-            uniform_sample(n, clip_len, rng=np.random.default_rng([*keys, k]))
-            for k in range(num_samples)]))
+        jpegs, label = self.choose(
+            index, lambda n: uniform_sample(n, clip_len, rng=np.random.default_rng([*keys, 0])))
         return np.array(jpegs, dtype=object), np.int32(label)
 
     def test_clips(self, index, clip_len: int, num_clips: int):
