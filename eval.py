@@ -26,8 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file (configs/
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model directory or training run (WORKDIR, "
                                   "WORKDIR/checkpoints/STEP) to evaluate")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results.jsonl and summary.json go")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "stop early (smoke tests; no summary "
-                                    "of the full split)")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "stop after N batches per host (a smoke "
+                                    "run: scores the videos whose views all arrived)")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 FLAGS = flags.FLAGS

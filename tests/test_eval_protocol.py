@@ -136,6 +136,19 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
   assert on_disk["protocol"]["spatial"] == "mmaction2"
 
 
+def test_eval_stopped_early_scores_the_complete_videos(golden, dataset, tmp_path):
+  """max_batches: reads only those batches; a video cut off mid-views is left out, not an error."""
+  from uniformerv2_jax.evaluation.driver import evaluate_checkpoint
+  model, ckpt = golden
+  c = _config(per_device_batch=4)  # 4 views a batch: 2 batches = one whole video + 2 views
+  summary = evaluate_checkpoint(c, ckpt, str(tmp_path), builder=dataset, max_batches=2)
+  assert summary["num_videos"] == 1 and summary["max_batches"] == 2
+  (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  frames, label = stored_frames(dataset)[rec["video"]]
+  np.testing.assert_allclose(rec["all_scores"], hand_protocol(model, frames)[1], atol=2e-3)
+  assert rec["label"] == label
+
+
 def _reordered_checkpoint(model, directory, names):
   """The same model with its classes listed (and its head rows stored) in another order."""
   from flax import nnx

@@ -10,6 +10,7 @@ device mesh; ``config.model`` may override speed knobs (dtype, scan_layers, rema
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from typing import Any, Callable
@@ -124,6 +125,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
 
   ``builder``: the TFDS builder (default: from ``config.dataset`` as train.py finds it).
   Writes ``WORKDIR/results.jsonl`` and ``WORKDIR/summary.json`` when ``workdir`` is given.
+  ``max_batches``: stop after that many batches per host (a smoke run): only the videos whose
+  views all arrived are scored, and the summary records ``max_batches``.
   """
   from uniformerv2_jax import data, storage
   from uniformerv2_jax.checkpoint import resolve
@@ -154,10 +157,11 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
                          num_crops=num_crops, per_host_batch=per_host,
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          spatial=spatial)
-  batches = (_numpy(b) for i, b in enumerate(ds) if max_batches is None or i < max_batches)
+  batches = (_numpy(b) for b in itertools.islice(ds, max_batches))  # None: all
   aggregate = _get(ev, "aggregate") or ("sum" if spatial == "original" else "mean")
   result = evaluate(Evaluator(model, mesh), batches, num_views=num_views, per_host_batch=per_host,
-                    aggregate=aggregate, total_views=num_videos * num_views, log=log)
+                    aggregate=aggregate, total_views=num_videos * num_views, log=log,
+                    complete_only=max_batches is not None)
   if max_batches is None and len(result.video_ids) != num_videos:
     raise RuntimeError(f"evaluated {len(result.video_ids)} videos but {split} has {num_videos}")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
@@ -166,6 +170,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
                protocol=protocol, devices=jax.device_count(),
                processes=jax.process_count())
+  if max_batches is not None:  # a smoke run: say so wherever its numbers go
+    extra["max_batches"] = max_batches
   if workdir is None:
     return dict(result.metrics, num_videos=len(result.video_ids), num_views=num_views, **extra)
   vnames = video_names(builder, split, result.video_ids) if jax.process_index() == 0 else None

@@ -113,15 +113,18 @@ class ViewAccumulator:
       self._views[vid].add(view)
       self._sum[vid] += p
 
-  def result(self, aggregate: str = "mean", seconds: float = 0.0) -> EvalResult:
+  def result(self, aggregate: str = "mean", seconds: float = 0.0,
+             complete_only: bool = False) -> EvalResult:
+    """Per-video scores. A video missing views is an error, or, with ``complete_only`` (an
+    evaluation stopped early), left out."""
     if aggregate not in AGGREGATES:
       raise ValueError(f"aggregate={aggregate!r}: use one of {AGGREGATES}")
     incomplete = {v: sorted(s) for v, s in self._views.items() if len(s) != self.num_views}
-    if incomplete:
+    if incomplete and not complete_only:
       vid, seen = next(iter(incomplete.items()))
       raise ValueError(f"{len(incomplete)} videos did not get all {self.num_views} views "
                        f"(e.g. video {vid} has views {seen})")
-    ids = np.array(sorted(self._sum), np.int64)
+    ids = np.array(sorted(set(self._sum) - set(incomplete)), np.int64)
     scores = np.stack([self._sum[i] for i in ids]) if len(ids) else np.zeros((0, 0))
     if aggregate == "mean":
       scores = scores / self.num_views

@@ -122,10 +122,13 @@ def _progress(done_views, num_views, total_views, start, log):
 def evaluate(evaluator: Evaluator, batches: Iterable[Mapping[str, np.ndarray]], *,
              num_views: int, per_host_batch: int, aggregate: str = "mean",
              total_views: int | None = None, log_every: int = 20,
-             log: Callable[[str], Any] | None = None) -> EvalResult:
+             log: Callable[[str], Any] | None = None,
+             complete_only: bool = False) -> EvalResult:
   """Run every host batch ({"video", "label", "video_id", "view", optional "mask"}) -> result.
 
   Every host must call this with the same number of batches (``data.eval_dataset`` ensures it).
+  ``complete_only``: score the videos whose views all arrived and leave out the others (for
+  batches cut short); otherwise a video missing a view is an error.
   """
   if log is None:
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if jax.process_index() == 0 else \
@@ -144,7 +147,7 @@ def evaluate(evaluator: Evaluator, batches: Iterable[Mapping[str, np.ndarray]], 
     if log_every and step % log_every == 0:
       _progress(acc.views_seen, num_views, total_views, start, log)
   seconds = time.perf_counter() - start
-  result = acc.result(aggregate, seconds)
+  result = acc.result(aggregate, seconds, complete_only)
   log(f"eval: {len(result.video_ids)} videos x {num_views} views in {seconds:.1f}s "
       f"({len(result.video_ids) / max(seconds, 1e-9):.2f} videos/s)")
   return result
