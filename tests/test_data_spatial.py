@@ -20,6 +20,19 @@ def test_resized_shape_follows_recipes(h, w, proto):
     assert (got[0] == s) == (h <= w)  # the short side stays the short side
 
 
+@pytest.mark.parametrize("short,long_", [(320, 325), (320, 645), (112, 115), (480, 645)])
+def test_resized_shape_rounds_as_the_upstream_code(short, long_):
+    """Sizes where long * S / short and the upstreams' expressions round apart."""
+    for size in (224, 336):
+        mmcv = int(long_ * float(size / short) + 0.5)           # mmcv rescale_size/_scale_size
+        slowfast = int(math.floor((float(long_) / short) * size))  # SlowFast short_side_scale
+        for proto, want in (("mmaction2", mmcv), ("original", slowfast)):
+            assert spatial.resized_shape(short, long_, size, proto) == (size, want)
+            assert spatial.resized_shape(long_, short, size, proto) == (want, size)
+            got = tf_ops._resized_shape(tf.constant(short), tf.constant(long_), size, proto)
+            assert (int(got[0]), int(got[1])) == (size, want)
+
+
 def test_crop_offsets_from_the_formulas():
     # free = L' - S = 171 (odd): mmaction2 centre 85, right 2*85 = 170; original centre 86, right 171
     assert spatial.crop_offsets(395, 224, 3, "mmaction2") == [0, 170, 85]

@@ -39,10 +39,12 @@ def resized_shape(height: int, width: int, size: int, spatial: str = "mmaction2"
     """(h, w) after resizing the short side to ``size`` under the given protocol."""
     _check_protocol(spatial, 1)
     short, long_ = min(height, width), max(height, width)
-    if spatial == "mmaction2":
-        new_long = int(long_ * size / short + 0.5)
-    else:
-        new_long = int(math.floor(long_ * size / short))
+    # The upstreams' float expressions, in their order of operations (they round differently
+    # from long * size / short for some sizes, e.g. 320x325 at 224).
+    if spatial == "mmaction2":  # mmcv.rescale_size: scale = size / short; int(long * scale + .5)
+        new_long = int(long_ * (size / short) + 0.5)
+    else:  # SlowFast's short_side_scale: floor(long / short * size)
+        new_long = int(math.floor(long_ / short * size))
     new_long = max(new_long, size)
     return (size, new_long) if height <= width else (new_long, size)
 

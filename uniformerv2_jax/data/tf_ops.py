@@ -66,10 +66,10 @@ def resize_uint8(frames, height, width) -> tf.Tensor:
 def _resized_shape(height, width, size: int, spatial: str):
     h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
     short, long_ = tf.minimum(h, w), tf.maximum(h, w)
-    if spatial == "mmaction2":
-        new_long = tf.floor(long_ * size / short + 0.5)
+    if spatial == "mmaction2":  # the order of operations of spatial.resized_shape
+        new_long = tf.floor(long_ * (size / short) + 0.5)
     else:
-        new_long = tf.floor(long_ * size / short)
+        new_long = tf.floor(long_ / short * size)
     new_long = tf.cast(tf.maximum(new_long, size), tf.int32)
     landscape = height <= width
     return tf.where(landscape, size, new_long), tf.where(landscape, new_long, size)
