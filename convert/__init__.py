@@ -207,7 +207,7 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   if storage.is_url(output):
     raise ConversionError(f"--output {output}: PyTorch files are written to a local disk; "
                           "write it there, then copy it (gcloud storage cp FILE URL)")
-  _check_output(output, overwrite)
+  _check_output_file(output, overwrite)
   cfg, tree, _ = load_weights_tree(input_dir)
   tensors = export_tensors(tree, cfg)
   if not cfg.no_lmhra:  # BatchNorm3d's counter, so that strict loading finds every key
@@ -233,7 +233,20 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
 
 
 def _check_output(output: str, overwrite: bool) -> None:
-  if storage.exists(output) and not overwrite:
+  """A model directory to write: before any work, the checks save_pretrained makes."""
+  from uniformerv2_jax.checkpoint import CheckpointError, check_output_directory
+  try:
+    check_output_directory(storage.absolute(output), overwrite)
+  except CheckpointError as e:
+    raise ConversionError(str(e)) from None
+
+
+def _check_output_file(output: str, overwrite: bool) -> None:
+  """A PyTorch file to write: never a folder; an existing file only with --overwrite."""
+  if os.path.isdir(output):
+    raise ConversionError(f"--output {output} is a folder; give the path of the .pyth/.pth "
+                          "file to write")
+  if os.path.exists(output) and not overwrite:
     raise ConversionError(f"{output} already exists; choose another --output or pass --overwrite")
 
 

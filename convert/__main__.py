@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -52,11 +53,16 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _exit_on_sigterm(signum, frame):
+  raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary outputs are removed
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   import convert
   from convert.infer import parse_sets
-  from uniformerv2_jax.checkpoint import CheckpointError
+  from uniformerv2_jax.checkpoint import CheckpointError, ClassNamesError
   from uniformerv2_jax.torch_layout import CheckpointMismatchError
   log = lambda msg: print(msg, flush=True)
   try:
@@ -77,9 +83,17 @@ def main(argv=None) -> int:
                                        head_map=args.head_map, class_names=names,
                                        trust_pickle=args.trust_pickle,
                                        overwrite=args.overwrite, log=log)
-  except (convert.ConversionError, CheckpointError, CheckpointMismatchError, ValueError) as e:
+  except ClassNamesError as e:
+    given = getattr(args, "class_names", None)
+    print(f"error: {f'--class-names {given}: ' if given else ''}{e}", file=sys.stderr, flush=True)
+    return 2
+  except (convert.ConversionError, CheckpointError, CheckpointMismatchError, ValueError,
+          OSError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
+  except KeyboardInterrupt:
+    print(f"interrupted; nothing was written to {args.output}", file=sys.stderr, flush=True)
+    return 130
   return 0
 
 

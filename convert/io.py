@@ -39,6 +39,16 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
   if os.path.getsize(path) == 0:
     raise ConversionError(f"{path}: the file is empty (truncated download?)")
   is_zip = zipfile.is_zipfile(path)
+  if not is_zip:
+    with open(path, "rb") as f:
+      head = f.read(2)
+    if head == b"PK":  # a zip archive without its central directory (at the end)
+      raise ConversionError(f"{path}: truncated or corrupt PyTorch file (a zip archive cut "
+                            "short: an interrupted download or copy?)")
+    if head[:1] != b"\x80":  # torch.save's legacy format opens with a pickle PROTO opcode
+      raise ConversionError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip "
+                            "archive nor its older pickle format): truncated, corrupt or "
+                            "another kind of file")
   if is_zip and _is_torchscript(path):
     try:
       return dict(torch.jit.load(path, map_location="cpu").state_dict())

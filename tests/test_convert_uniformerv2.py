@@ -272,3 +272,70 @@ def test_torch_files_in_a_bucket_are_refused_with_what_to_do(tmp_path):
   code, err = cli("export", "--input", tmp_path / "m", "--layout", "original", "--output",
                   "gs://bucket/k400_b16.pyth")
   assert code == 2 and "PyTorch files are written to a local disk" in err, err
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+  (tmp_path / "noise.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "noise.pth", "--model",
+             config_file(tmp_path, "tiny_k400"))
+  assert "noise.pth: not a PyTorch checkpoint" in err and "--trust-pickle" not in err
+
+
+def test_bad_arguments_get_one_line(tmp_path):
+  cfg = config_file(tmp_path, "tiny_k400")
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+             "--set", "t_size=abc")
+  assert "t_size='abc' is not an integer" in err
+  names = tmp_path / "three.txt"
+  names.write_text("a\nb\nc\n")
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+             "--class-names", names)
+  assert f"--class-names {names}: 3 class names for a 10-way head" in err
+
+
+def test_overwrite_replaces_only_a_model_directory(tmp_path):
+  """--overwrite never deletes a folder that is not a model directory."""
+  cfg = config_file(tmp_path, "tiny_k400")
+  mine = tmp_path / "mine"
+  (mine / "sub").mkdir(parents=True)
+  (mine / "sub" / "notes.txt").write_text("keep me")
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+                  "--output", mine, "--overwrite")
+  assert code == 2 and "is not a model directory" in err, err
+  assert (mine / "sub" / "notes.txt").read_text() == "keep me"
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+                  "--output", tmp_path / "m")
+  assert code == 0, err
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+                  "--output", tmp_path / "m", "--overwrite")
+  assert code == 0, err  # a model directory is replaced
+  code, err = cli("export", "--input", tmp_path / "m", "--layout", "original", "--output", mine,
+                  "--overwrite")
+  assert code == 2 and "is a folder" in err, err
+  assert (mine / "sub" / "notes.txt").read_text() == "keep me"
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path, monkeypatch):
+  """SIGTERM while the weights are written: exit 143, no output, no temporary folder."""
+  import signal
+  import time
+
+  from uniformerv2_jax import checkpoint
+  write = checkpoint._write_weights
+
+  def write_then_terminated(path, flat):
+    write(path, flat)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler runs here
+    raise AssertionError("SIGTERM did not stop the conversion")
+
+  monkeypatch.setattr(checkpoint, "_write_weights", write_then_terminated)
+  before = signal.getsignal(signal.SIGTERM)
+  try:
+    with pytest.raises(SystemExit) as stop:
+      cli_main(["uniformerv2", "--input", str(GOLDEN / "tiny_k400.pyth"), "--model",
+                config_file(tmp_path, "tiny_k400"), "--output", str(tmp_path / "out")])
+  finally:
+    signal.signal(signal.SIGTERM, before)
+  assert stop.value.code == 143
+  assert only_entries(tmp_path) == ["tiny_k400.json"]  # the config file the test wrote

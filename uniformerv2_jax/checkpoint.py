@@ -85,16 +85,34 @@ def _write_weights(path: str, flat: Mapping[str, Any]) -> None:
     ckptr.save(storage.absolute(path), args=ocp.args.StandardSave(dict(flat)))
 
 
+class ClassNamesError(CheckpointError):
+  """A class list that does not fit the head."""
+
+
 def _check_names(class_names, num_classes: int) -> list[str] | None:
   if class_names is None:
     return None
   names = [str(n).strip() for n in class_names]
   if len(names) != num_classes:
-    raise CheckpointError(f"{len(names)} class names for a {num_classes}-way head; give one "
+    raise ClassNamesError(f"{len(names)} class names for a {num_classes}-way head; give one "
                           "name per class (line i is class i)")
   if any(not n or "\n" in n for n in names):
-    raise CheckpointError("class names must be non-empty single lines")
+    raise ClassNamesError("class names must be non-empty single lines")
   return names
+
+
+def check_output_directory(directory: str, overwrite: bool) -> None:
+  """Refuses an existing ``directory`` unless ``overwrite`` and it is a model directory (a
+  folder of anything else is never deleted to make room for one)."""
+  if not storage.exists(directory):
+    return
+  if not overwrite:
+    raise CheckpointError(f"{directory} already exists; choose a new output directory, or "
+                          "replace it: --overwrite (overwrite=True)")
+  if not storage.exists(os.path.join(directory, CONFIG_FILE)):
+    raise CheckpointError(f"{directory} exists and is not a model directory (no {CONFIG_FILE}); "
+                          "--overwrite only replaces a model directory: choose another output, "
+                          "or move that one away yourself")
 
 
 def save_pretrained(directory: str, model, class_names: Sequence[str] | None = None, *,
@@ -109,9 +127,7 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
   if config is None:
     raise ValueError("save_pretrained(tree): pass config= for a pure weight tree")
   directory = storage.absolute(directory)
-  if storage.exists(directory) and not overwrite:
-    raise CheckpointError(f"{directory} already exists; choose a new output directory "
-                          "(or pass overwrite=True / --overwrite)")
+  check_output_directory(directory, overwrite)
   names = _check_names(class_names, config.num_classes)
   flat = flat_weights(_weights_tree(model))
   _check_against_config({k: np.shape(v) for k, v in flat.items()}, config, directory)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 # Backbone sizes of the CLIP towers the paper builds on. Everything else defaults
 # to the Kinetics recipe (no Local MHRA, no temporal downsampling, global blocks
@@ -134,6 +138,34 @@ _IGNORED = {"n_dim", "pretrained", "output_dim", "use_checkpoint", "checkpoint_n
             "frames", "name"}
 
 
+def _check_types(fields: dict[str, Any]) -> None:
+  """Scalars of the right kind (an integer field gets an integer, ...), converted in place."""
+  problems = []
+  for f in dataclasses.fields(ModelConfig):
+    value, default = fields[f.name], f.default
+    if isinstance(default, bool):
+      ok = isinstance(value, (bool, np.bool_)) or value in (0, 1)
+    elif isinstance(default, int):
+      ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) or (
+          isinstance(value, float) and value.is_integer())
+      value = int(value) if ok else value
+    elif isinstance(default, float):
+      ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+      value = float(value) if ok else value
+    elif isinstance(default, str):
+      ok = isinstance(value, str)
+    else:  # return_list, mlp_dropout: numbers or sequences of them, converted by _build
+      ok = isinstance(value, (numbers.Real, Sequence, np.ndarray)) and not isinstance(value, str)
+    if not ok:
+      problems.append(f"{f.name}={value!r} is not {_KINDS.get(type(default), 'a list')}")
+    fields[f.name] = value
+  if problems:
+    raise ValueError("Invalid UniFormerV2 config: " + "; ".join(problems))
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _build(base: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
   unknown = sorted(set(overrides) - set(FIELDS) - _IGNORED)
   if unknown:
@@ -143,6 +175,7 @@ def _build(base: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
   if "n_dim" in overrides and int(overrides["n_dim"]) != int(fields["width"]):
     raise ValueError(f"n_dim={overrides['n_dim']} must equal width={fields['width']} "
                      "(the global blocks read the backbone's tokens)")
+  _check_types(fields)
   fields["return_list"] = tuple(int(i) for i in fields["return_list"])
   if "return_list" in overrides and "n_layers" not in overrides:
     fields["n_layers"] = len(fields["return_list"])
