@@ -144,3 +144,52 @@ def test_build_into_a_bucket_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="build on a local disk, then copy the dataset folder"):
         main(["--config", "synthetic", "--manual_dir", str(tmp_path), "--data_dir", "gs://b/tfds"])
     assert os.listdir(tmp_path) == []
+
+
+def _list_build(tmp_path, *extra):
+    """python -m uniformerv2_jax.data.build on a list file, in-process: (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from uniformerv2_jax.data.build import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["--config", "mine", "--train_list", str(tmp_path / "train.txt"),
+                     "--classes", str(tmp_path / "classes.txt"), "--data_dir",
+                     str(tmp_path / "tfds"), "--short_side", "16", "--num_workers", "1", *extra])
+    return code, err.getvalue()
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path):
+    """--overwrite: a rebuild that fails leaves the old dataset byte for byte; one that
+    succeeds replaces it; each error is one line naming what to fix."""
+    for i in range(3):
+        write_video(tmp_path / f"v{i}.mp4", np.full((4, 16, 16, 3), 40 * i, np.uint8))
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    (tmp_path / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\n")
+    root = ["--video_root", str(tmp_path)]
+    assert _list_build(tmp_path, *root)[0] == 0
+    dataset = tmp_path / "tfds" / "video_classification" / "mine" / "1.0.0"
+    before = _files(dataset)
+    assert before
+    (tmp_path / "train.txt").write_text("v0.mp4 0\nv1.mp4 7\n")  # a label the classes lack
+    code, err = _list_build(tmp_path, *root, "--overwrite")
+    assert code == 2 and "train.txt:2: unknown label '7'" in err and "--on_unknown_label skip" in err
+    assert "left unchanged" in err and _files(dataset) == before
+    (tmp_path / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\nv2.mp4 2\n")
+    code, err = _list_build(tmp_path, "--video_root", str(tmp_path / "nowhere"), "--overwrite")
+    assert code == 2 and "none of its 3 videos could be read" in err, err
+    assert _files(dataset) == before
+    code, err = _list_build(tmp_path, *root, "--overwrite")
+    assert code == 0, err
+    rebuilt = tfds.builder_from_directory(str(dataset))
+    assert rebuilt.info.splits["train"].num_examples == 3
+    assert not [p for p in (tmp_path / "tfds").iterdir() if p.name.startswith(".rebuild-")]
+    from uniformerv2_jax.data.build import main
+    missing = tmp_path / "missing"
+    assert main(["--config", "synthetic", "--manual_dir", str(missing), "--data_dir",
+                 str(tmp_path / "tfds")]) == 2

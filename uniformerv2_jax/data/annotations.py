@@ -133,8 +133,8 @@ def _report_unknown(errors: list[str], on_unknown: str) -> None:
         shown = "\n  ".join(errors[:10])
         raise AnnotationError(f"{len(errors)} annotation line(s) have an unknown label:\n  {shown}\n"
                               "Fix the annotations or the class-name file, or build with "
-                              "on_unknown_label='skip' to leave those videos out (listed in the "
-                              "skip report).")
+                              "--on_unknown_label skip (on_unknown_label='skip') to leave those "
+                              "videos out (listed in the skip report).")
 
 
 def parse_ssv2_json(path, class_names: Sequence[str], video_root="", *, ext: str = ".webm",

@@ -70,9 +70,13 @@ def main(argv=None) -> int:
                          "dataset folder to the bucket (gcloud storage cp -r DIR/video_"
                          "classification gs://BUCKET/tfds/); training and evaluation read it "
                          "from there")
-    builder = build_dataset(args.data_dir, config_from_args(args), manual_dir=args.manual_dir,
-                            num_workers=args.num_workers, num_shards=args.num_shards,
-                            overwrite=args.overwrite)
+    try:
+        builder = build_dataset(args.data_dir, config_from_args(args),
+                                manual_dir=args.manual_dir, num_workers=args.num_workers,
+                                num_shards=args.num_shards, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # AnnotationError, BuildError, unreadable files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for split, info in builder.info.splits.items():
         skipped = builder.info.metadata.get(f"skipped_{split}", 0)
         print(f"{split}: {info.num_examples} videos in {info.num_shards} shards, {skipped} skipped")

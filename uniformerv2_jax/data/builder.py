@@ -27,7 +27,9 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 from concurrent import futures
 from typing import Any
 
@@ -152,6 +154,10 @@ def split_entries(cfg: VideoConfig, manual_dir=None) -> dict:
     return out
 
 
+class BuildError(ValueError):
+    """A dataset that cannot be built from what was given; the message says what to fix."""
+
+
 class VideoClassification(tfds.core.GeneratorBasedBuilder):
     """Video classification from local files (nothing is downloaded)."""
 
@@ -224,6 +230,11 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
             yield key, example
         if store is not None:
             self.info.metadata[f"frame_files_{split}"] = store.close()
+        if written == 0 and skipped:
+            shown = "; ".join(f"{n}: {' '.join(str(r).split())}" for n, r in skipped[:3])
+            raise BuildError(f"{split}: none of its {len(skipped)} videos could be read (first: "
+                             f"{shown}); check the video root (--video_root / --manual_dir) "
+                             "and the paths in the annotations")
         self._write_report(split, written, skipped)
 
     def _write_report(self, split, written, skipped):
@@ -314,11 +325,43 @@ def _map(fn, tasks, num_workers):
 def build_dataset(data_dir, config: VideoConfig | str, *, manual_dir=None,
                   num_workers: int | None = None, num_shards: int | None = None,
                   overwrite: bool = False) -> VideoClassification:
-    """Build (once) and return the dataset builder, offline; ``data_dir`` is the TFDS root."""
-    builder = VideoClassification(config=config, data_dir=os.fspath(data_dir),
-                                  num_workers=num_workers)
-    mode = tfds.download.GenerateMode
+    """Build (once) and return the dataset builder, offline; ``data_dir`` is the TFDS root.
+
+    ``overwrite`` rebuilds an existing dataset beside it and swaps it in only when the new one
+    is complete: a rebuild that fails leaves the old dataset as it was.
+    """
+    data_dir = os.fspath(data_dir)
+    if manual_dir is not None and not os.path.isdir(manual_dir):
+        raise BuildError(f"--manual_dir {manual_dir}: no such folder (it holds the videos and "
+                         "annotations of the named config; see README, Data)")
+    builder = VideoClassification(config=config, data_dir=data_dir, num_workers=num_workers)
+    final = os.fspath(builder.data_dir)
+    if overwrite and os.path.exists(os.path.join(final, "dataset_info.json")):
+        return _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards)
+    _prepare(builder, manual_dir, num_shards)
+    return builder
+
+
+def _prepare(builder, manual_dir, num_shards) -> None:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir, try_download_gcs=False, num_shards=num_shards,
-        download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS))
-    return builder
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+
+
+def _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards):
+    """Builds into a temporary TFDS root in ``data_dir``, then swaps the version folder."""
+    tmp = tempfile.mkdtemp(prefix=".rebuild-", dir=data_dir)
+    try:
+        fresh = VideoClassification(config=config, data_dir=tmp, num_workers=num_workers)
+        _prepare(fresh, manual_dir, num_shards)
+        old = os.path.join(tmp, "previous")
+        os.rename(final, old)
+        os.rename(os.fspath(fresh.data_dir), final)
+    except BaseException as e:
+        if isinstance(e, Exception):
+            print(f"the rebuild failed; the existing dataset at {final} was left unchanged",
+                  file=sys.stderr)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return VideoClassification(config=config, data_dir=data_dir, num_workers=num_workers)
