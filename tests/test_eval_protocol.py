@@ -193,3 +193,17 @@ def test_eval_scores_a_reordered_head_by_class_name(golden, dataset, tmp_path):
   other = save_pretrained(str(tmp_path / "other"), model, class_names=CLASSES[:9] + ["class 99"])
   with pytest.raises(EvalConfigError, match="class names are not the dataset's"):
     evaluate_checkpoint(_config(), other, str(tmp_path / "x"), builder=dataset)
+
+  # A head of another size than the dataset's label space, even if config.dataset agrees.
+  from flax import nnx
+
+  from uniformerv2_jax import heads
+  from uniformerv2_jax.checkpoint import WEIGHTS
+  tree = heads.remap_head(nnx.to_pure_dict(nnx.state(model, WEIGHTS)), list(range(9)))
+  nine = save_pretrained(str(tmp_path / "nine"), tree, class_names=CLASSES[:9],
+                         config=model.config.replace(num_classes=9))
+  c = _config()
+  c.dataset.num_classes = 9
+  with pytest.raises(EvalConfigError, match="the model has 9 classes but dataset evalprotocol "
+                     "has 10. Evaluate it on the dataset it was trained for"):
+    evaluate_checkpoint(c, nine, str(tmp_path / "y"), builder=dataset)

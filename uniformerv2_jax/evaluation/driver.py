@@ -69,7 +69,8 @@ def match_classes(head_names, data_names, checkpoint: str) -> np.ndarray | None:
   return None if np.array_equal(rows, np.arange(len(rows))) else rows
 
 
-def load_model(config, checkpoint: str, mesh, data_names=None, log=print):
+def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
+               data_classes: int | None = None):
   """(model with its head's rows in the dataset's class order, class names, reordered?)."""
   from uniformerv2_jax import heads
   from uniformerv2_jax.checkpoint import load_pretrained, read_config
@@ -90,12 +91,14 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print):
       rows, names = (order if rows is None else rows[order]), list(data_names)
   model = load_pretrained(checkpoint, mesh=mesh, head_map=None if rows is None else
                           [int(r) for r in rows], **overrides)
-  want = _get(config.dataset, "num_classes")
-  if want and model.config.num_classes != want:
-    hint = (" Set --config.eval.head_map=k400|k600|k700 to read a Kinetics-710 head."
-            if model.config.num_classes == 710 else "")
-    raise EvalConfigError(f"{checkpoint}: the model has {model.config.num_classes} classes but "
-                     f"config.dataset.num_classes={want}.{hint}")
+  have = model.config.num_classes
+  hint = (" Set --config.eval.head_map=k400|k600|k700 to read a Kinetics-710 head." if have == 710
+          else " Evaluate it on the dataset it was trained for.")
+  for what, want in ((f"dataset {config.dataset.name} has", data_classes),
+                     ("config.dataset.num_classes is", _get(config.dataset, "num_classes"))):
+    if want and have != want:
+      raise EvalConfigError(f"{checkpoint}: the model has {have} classes but {what} {want}."
+                            f"{hint}")
   return model, names, order is not None
 
 
@@ -131,6 +134,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   from uniformerv2_jax import data, storage
   from uniformerv2_jax.checkpoint import resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
+  from uniformerv2_jax.training.data_io import num_classes
   if workdir is not None:
     workdir = storage.absolute(workdir)
     if jax.process_index() == 0:  # before the evaluation, not after it
@@ -145,7 +149,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
     from uniformerv2_jax.training.data_io import source
     builder = source(config)
   builder = data.load_builder(builder)
-  model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log)
+  model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
+                                     data_classes=num_classes(builder))
   spatial = _get(ev, "spatial", "mmaction2")
   num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
   num_views = num_clips * num_crops

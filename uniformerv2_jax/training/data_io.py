@@ -35,6 +35,23 @@ def source(config):
   return data.load_builder(dataset_dir(config))
 
 
+def num_classes(builder) -> int | None:
+  """The size of the dataset's label space (None without a builder)."""
+  return None if builder is None else int(builder.info.features["label"].num_classes)
+
+
+def check_classes(config, builder) -> None:
+  """Every label of the dataset must be a row of the head (else the loss becomes NaN)."""
+  have, want = num_classes(builder), config.model.num_classes
+  if have is not None and have != want:
+    from uniformerv2_jax.training.config_check import ConfigError
+    raise ConfigError(
+        f"dataset {config.dataset.name} ({builder.data_dir}) has {have} classes (labels 0.."
+        f"{have - 1}) but config.model.num_classes={want}; set --config.model.num_classes={have}"
+        f" --config.dataset.num_classes={have}, or point config.dataset at the dataset this "
+        "recipe is for")
+
+
 def class_names(builder) -> list[str] | None:
   """The dataset's label names (checkpoints record them: evaluation checks the class order)."""
   label = builder.info.features["label"] if builder is not None else None

@@ -111,6 +111,13 @@ def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
   return {"top1": totals["correct"] / n, "loss": totals["loss"] / n, "count": totals["count"]}
 
 
+def _last_good(step, directory) -> str:
+  if step is None:
+    return "No checkpoint was saved yet."
+  return (f"The last good checkpoint is step {step} in {directory} (nothing later was saved); "
+          "a rerun resumes from it.")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json."""
   t0 = time.time()
@@ -126,6 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = make_mesh(config)
   pc = jax.process_count()
   builder = None if config.dataset.name == data_io.FAKE else data_io.source(config)
+  data_io.check_classes(config, builder)
   per_host = tc.global_batch_size // pc
   steps_per_epoch = tc.steps_per_epoch or data_io.steps_per_epoch(config, builder, per_host)
   total_steps = int(round(tc.epochs * steps_per_epoch))
@@ -189,9 +197,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.wait()
         raise TrainingDiverged(
             f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {step}; "
-            f"stopped. The last good checkpoint is step {last_good} in {ckpt.directory} "
-            "(nothing later was saved). Lower train.base_lr or check the data, then rerun "
-            "to resume from it.")
+            f"stopped. {_last_good(last_good, ckpt.directory)} Lower train.base_lr or check "
+            "the data, then rerun.")
       line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
               f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
       scalars = {"train/" + k: v for k, v in m.items()}
