@@ -131,3 +131,30 @@ def test_predict_text_output(golden_checkpoint, capsys):
   out = capsys.readouterr().out.splitlines()
   assert out[0] == VIDEO and len(out) == 4
   assert out[1].lstrip().startswith("1. class ")
+
+
+def test_predict_errors_are_one_line(golden_checkpoint, tmp_path, capsys):
+  """A bad checkpoint, class list, head map, dtype or argument: one 'predict: error:' line,
+  exit 2, no traceback; a folder given as a video is named as such."""
+  three = tmp_path / "three.txt"
+  three.write_text("a\nb\nc\n")
+  cases = [
+      (["--checkpoint", str(tmp_path / "missing")], "missing: no such model directory"),
+      (["--checkpoint", str(GOLDEN / "tiny_k400.pyth")], "tiny_k400.pyth"),
+      (["--checkpoint", golden_checkpoint, "--class-names", str(three)],
+       "3 class names for a 10-way head"),
+      (["--checkpoint", golden_checkpoint, "--class-names", str(tmp_path / "nope.txt")],
+       "nope.txt"),
+      (["--checkpoint", golden_checkpoint, "--head-map", "k400"], "k400"),
+      (["--checkpoint", golden_checkpoint, "--dtype", "float17"], "'float17' is not a data type"),
+      (["--checkpoint", golden_checkpoint, "--num-clips", "0"], "--num-clips 0: must be at least 1"),
+  ]
+  for args, message in cases:
+    assert predict.main([*args, VIDEO]) == 2, args
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("predict: error: ") and message in err[0], (args, err)
+  assert predict.main(["--checkpoint", golden_checkpoint, str(tmp_path), VIDEO,
+                       "--num-clips", "1", "--num-crops", "1"]) == 1
+  captured = capsys.readouterr()
+  assert f"predict: error: {tmp_path}: a folder, not a video file" in captured.err
+  assert captured.out.splitlines()[0] == VIDEO  # the good video is still answered

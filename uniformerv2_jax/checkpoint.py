@@ -377,13 +377,23 @@ def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_l
   stored_cfg = read_config(directory)
   overrides = dict(config_overrides)
   if dtype is not None:
-    overrides["dtype"] = jnp.dtype(dtype).name
+    try:
+      overrides["dtype"] = jnp.dtype(dtype).name
+    except TypeError:
+      raise ValueError(f"dtype {dtype!r} is not a data type; use float32, bfloat16 or "
+                       "float16") from None
   if scan_layers is not None:
     overrides["scan_layers"] = bool(scan_layers)
   index_map = None
   if head_map is not None:
     from uniformerv2_jax import heads
     index_map = heads.load_index_map(head_map)
+    if len(index_map) and int(np.max(index_map)) >= stored_cfg.num_classes:
+      given = head_map if isinstance(head_map, (str, os.PathLike)) else "the index map"
+      raise CheckpointError(
+          f"{directory}: head_map {given} picks rows up to {int(np.max(index_map))} but the "
+          f"model's head has {stored_cfg.num_classes}; a head map reads a Kinetics-710 head "
+          "(710 rows) as K400/K600/K700")
     if "num_classes" in overrides and overrides["num_classes"] != len(index_map):
       raise CheckpointError(f"num_classes={overrides['num_classes']} contradicts head_map "
                             f"with {len(index_map)} entries")

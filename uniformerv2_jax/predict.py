@@ -111,9 +111,17 @@ def _parse(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(argv)
-  predictor = Predictor(args.checkpoint, head_map=args.head_map, dtype=args.dtype)
-  cfg = predictor.model.config
-  names = class_names_for(args.checkpoint, args.class_names, args.head_map, cfg.num_classes)
+  for flag, value in (("--num-clips", args.num_clips), ("--top", args.top)):
+    if value < 1:
+      print(f"predict: error: {flag} {value}: must be at least 1", file=sys.stderr)
+      return 2
+  try:  # the model, its class names: anything wrong here is the user's to fix, in one line
+    predictor = Predictor(args.checkpoint, head_map=args.head_map, dtype=args.dtype)
+    cfg = predictor.model.config
+    names = class_names_for(args.checkpoint, args.class_names, args.head_map, cfg.num_classes)
+  except (ValueError, OSError) as e:  # CheckpointError and config errors are ValueErrors
+    print(f"predict: error: {e}", file=sys.stderr)
+    return 2
   protocol = Protocol(cfg.t_size, cfg.input_resolution, args.num_clips, args.num_crops,
                       args.spatial, args.max_fps)
   failed = 0

@@ -28,6 +28,8 @@ class VideoDecodeError(RuntimeError):
 
 def _open(path):
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise VideoDecodeError(path, "a folder, not a video file")
     if not os.path.isfile(path):
         raise VideoDecodeError(path, "file not found (check the video root and annotation paths)")
     if os.path.getsize(path) == 0:
