@@ -55,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from uniformerv2_jax.training.config_check import parse_flags
+  app.run(main, flags_parser=parse_flags)

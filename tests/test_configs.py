@@ -147,3 +147,18 @@ def test_train_py_reports_bad_config_without_traceback(tmp_path):
   assert out.returncode != 0
   assert "error: Bad config: config.train.global_batch_size=12 is not divisible by 8" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--config=configs/demo.py", "--config.trian.epochs=1"],
+     "error: --config.trian.epochs: the config has no field 'trian'. Did you mean \"train\""),
+    ("eval.py", ["--config=configs/demoo.py", "--checkpoint=x"],
+     "error: --config: cannot load the config file: [Errno 2] No such file or directory: "
+     "'configs/demoo.py'"),
+])
+def test_entry_points_report_config_flag_errors_in_one_line(tmp_path, script, args, message):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args,
+                        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-500:]

@@ -207,3 +207,12 @@ def test_eval_scores_a_reordered_head_by_class_name(golden, dataset, tmp_path):
   with pytest.raises(EvalConfigError, match="the model has 9 classes but dataset evalprotocol "
                      "has 10. Evaluate it on the dataset it was trained for"):
     evaluate_checkpoint(c, nine, str(tmp_path / "y"), builder=dataset)
+
+
+def test_dataset_not_built_is_one_message(golden, tmp_path):
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  c = _config()
+  c.dataset.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(EvalConfigError, match=r"config.dataset: .*evalprotocol: no built dataset "
+                     r"there .* python -m uniformerv2_jax.data.build"):
+    evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))

@@ -42,6 +42,10 @@ def load_builder(data_dir_or_builder):
         return data_dir_or_builder.builder
     root = os.fspath(data_dir_or_builder)
     found = storage.find_dirs_containing(root, "dataset_info.json")  # local, gs://, s3://
+    if not found:
+        raise ValueError(f"{root}: no built dataset there (no dataset_info.json below it); "
+                         "build it first: python -m uniformerv2_jax.data.build --config NAME "
+                         "--data_dir TFDS_ROOT ... (README, Data)")
     if len(found) != 1:
         raise ValueError(f"{root}: expected exactly one built dataset (a folder with "
                          f"dataset_info.json) below it, found {len(found)}: {found[:5]}; pass "

@@ -145,10 +145,13 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))
-  if builder is None:
-    from uniformerv2_jax.training.data_io import source
-    builder = source(config)
-  builder = data.load_builder(builder)
+  try:
+    if builder is None:
+      from uniformerv2_jax.training.data_io import source
+      builder = source(config)
+    builder = data.load_builder(builder)
+  except ValueError as e:
+    raise EvalConfigError(f"config.dataset: {e}") from None
   model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
                                      data_classes=num_classes(builder))
   spatial = _get(ev, "spatial", "mmaction2")

@@ -142,3 +142,41 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
   if problems:
     raise ConfigError("Bad config: " + "\n  ".join(problems))
   return cfg
+
+
+def parse_flags(argv):
+  """absl's flag parsing for train.py / eval.py, with ml_collections' failures to load the
+  --config file or to apply a --config.* override as one line instead of a traceback."""
+  import sys
+
+  from absl import app, flags
+  try:
+    rest = app.parse_flags_with_usage(argv)
+    flags.FLAGS["config"].value.keys()  # a file that failed to load raises on first use
+    return rest
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"error: {_override_problem(e, argv)}")
+  except (OSError, TypeError, ValueError) as e:
+    reason = [line.strip() for line in str(_deepest(e)).splitlines() if line.strip()]
+    sys.exit(f"error: --config: cannot load the config file: {reason[-1] if reason else e}")
+
+
+def _deepest(e: BaseException) -> BaseException:
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _override_problem(e: BaseException, argv) -> str:
+  """ml_collections raises a bare AttributeError("'foo'") for an override naming no field;
+  its 'Did you mean' KeyError is in the chain."""
+  hint, err = "", e
+  while err is not None:
+    text = str(err.args[0]) if err.args else ""
+    if "Did you mean" in text:
+      hint = " " + " ".join(text.splitlines()[1:]).strip()
+    err = err.__cause__ or err.__context__
+  key = str(_deepest(e).args[0] if _deepest(e).args else e).strip("\"' ")
+  named = [a.split("=")[0] for a in argv
+           if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+  return f"{named[0] if named else '--config'}: the config has no field {key!r}.{hint}".rstrip()
