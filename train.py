@@ -43,12 +43,11 @@ def main(argv):
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required")
   distributed.maybe_initialize()
+  from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.training.loop import TrainingDiverged, train_and_evaluate
   try:
     train_and_evaluate(config, FLAGS.workdir)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
-  except TrainingDiverged as e:
+  except (ConfigError, CheckpointError, TrainingDiverged) as e:
     sys.exit(f"error: {e}")
 
 

@@ -152,3 +152,15 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     save_pretrained(tmp_path / "model", tiny_model())
   assert os.listdir(tmp_path) == []
+
+
+def test_damaged_weights_are_one_message(tmp_path):
+  """A model directory with a truncated array file: CheckpointError naming it, both reads."""
+  path = save_pretrained(tmp_path / "m", tiny_model())
+  files = [p for p in (tmp_path / "m" / "weights").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+  for read in (lambda: checkpoint.restore_weights(path), lambda: load_pretrained(path)):
+    with pytest.raises(CheckpointError, match=r"/m/weights: unreadable or incomplete weights "
+                       r"\(.*\); re-create the model directory"):
+      read()

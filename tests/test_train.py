@@ -136,6 +136,19 @@ def test_run_reads_as_a_model(runs, tmp_path):
     load_pretrained(empty)
 
 
+def test_damaged_step_is_named_with_what_to_do(runs, tmp_path):
+  import shutil
+
+  from uniformerv2_jax.checkpoint import CheckpointError, load_weights_tree
+  run = tmp_path / "run"
+  shutil.copytree(runs[0], run)
+  for data in (run / "checkpoints" / "4" / "state").rglob("d/*"):  # the array data files
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  with pytest.raises(CheckpointError, match=r"checkpoints/4: unreadable or incomplete weights "
+                     r"\(.*\); the step is damaged: move its folder out of checkpoints/"):
+    load_weights_tree(run)
+
+
 def test_new_head_over_another_label_space(tmp_path):
   """MiT from a K400 model, every recipe from CLIP: the classifier starts from the seed (the
   upstream's loader skips the mismatched head); every other weight is init_from's."""

@@ -21,6 +21,7 @@ class names the run recorded, never its optimiser state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -337,18 +338,35 @@ def restore_weights(directory: str, target: Mapping | None = None) -> dict:
     tree = checkpointing.restore_weights(directory)
     return tree if target is None else jax.tree.map(_place, tree, target)
   path = os.path.join(directory, WEIGHTS_DIR)
-  if target is None:
-    stored = stored_shapes(directory)
-    flat_target = {k: jax.ShapeDtypeStruct(s, np.dtype(d)) for k, (s, d) in stored.items()}
-    restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in stored}
-    with ocp.PyTreeCheckpointer() as ckptr:
-      flat = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-          item=flat_target, restore_args=restore_args))
-    return unflat_weights(flat)
-  flat_target = flat_weights(target)
-  with ocp.StandardCheckpointer() as ckptr:
-    flat = ckptr.restore(path, flat_target)
+  with damaged_files_reported(path, "re-create the model directory (python -m convert ...)"):
+    if target is None:
+      stored = stored_shapes(directory)
+      flat_target = {k: jax.ShapeDtypeStruct(s, np.dtype(d)) for k, (s, d) in stored.items()}
+      restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in stored}
+      with ocp.PyTreeCheckpointer() as ckptr:
+        flat = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=flat_target, restore_args=restore_args))
+    else:
+      with ocp.StandardCheckpointer() as ckptr:
+        flat = ckptr.restore(path, flat_weights(target))
   return unflat_weights(flat)
+
+
+@contextlib.contextmanager
+def damaged_files_reported(path: str, what_to_do: str):
+  """Orbax/TensorStore failures while reading ``path`` -> one CheckpointError naming it.
+
+  Their errors (truncated or missing array files) are plain Exceptions with pages of
+  TensorStore spec; the first line says what is wrong.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- re-raised with the file and what to do
+    reason = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
+    raise CheckpointError(f"{path}: unreadable or incomplete weights ({type(e).__name__}: "
+                          f"{reason[:300]}); {what_to_do}") from None
 
 
 def _place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:

@@ -25,6 +25,9 @@ import orbax.checkpoint as ocp
 from uniformerv2_jax import storage
 from uniformerv2_jax.training.state import abstract_state
 
+MOVE_ASIDE = ("the step is damaged: move its folder out of checkpoints/ to use the step before "
+              "(a training run then resumes from that one)")
+
 
 class Checkpointer:
 
@@ -54,10 +57,12 @@ class Checkpointer:
 
   def restore(self, shapes, shardings, step: int | None = None):
     """(state, meta) of `step` (default: the latest), placed by `shardings`."""
+    from uniformerv2_jax.checkpoint import damaged_files_reported
     step = self.latest_step() if step is None else step
     target = abstract_state(shapes, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    with damaged_files_reported(os.path.join(self.directory, str(step)), MOVE_ASIDE):
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
   def wait(self) -> None:
@@ -143,7 +148,8 @@ def restore_weights(step_dir: str) -> dict:
   item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                       {"params": params, "batch_stats": stats})
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  with ocp.PyTreeCheckpointer() as ckptr:
+  from uniformerv2_jax.checkpoint import damaged_files_reported
+  with damaged_files_reported(step_dir, MOVE_ASIDE), ocp.PyTreeCheckpointer() as ckptr:
     out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
         item=item, restore_args=args, partial_restore=True))
   return unscanned_weights(out)
