@@ -140,7 +140,8 @@ def test_predict_errors_are_one_line(golden_checkpoint, tmp_path, capsys):
   three.write_text("a\nb\nc\n")
   cases = [
       (["--checkpoint", str(tmp_path / "missing")], "missing: no such model directory"),
-      (["--checkpoint", str(GOLDEN / "tiny_k400.pyth")], "tiny_k400.pyth"),
+      (["--checkpoint", str(GOLDEN / "tiny_k400.pyth")],
+       "tiny_k400.pyth is a file, not a model directory; a PyTorch checkpoint is converted"),
       (["--checkpoint", golden_checkpoint, "--class-names", str(three)],
        "3 class names for a 10-way head"),
       (["--checkpoint", golden_checkpoint, "--class-names", str(tmp_path / "nope.txt")],

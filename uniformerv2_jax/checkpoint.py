@@ -183,6 +183,10 @@ def _save_to_object_store(directory: str, flat, config: ModelConfig, names) -> s
 def _require(directory: str) -> str:
   directory = storage.absolute(directory)
   if not storage.isdir(directory):
+    if storage.exists(directory):  # e.g. an upstream .pyth / .pth given as a model
+      raise CheckpointError(f"{directory} is a file, not a model directory; a PyTorch "
+                            "checkpoint is converted first: python -m convert uniformerv2|clip "
+                            "--input FILE --model ... --output DIR (README)")
     raise CheckpointError(f"{directory}: no such model directory")
   names = storage.listdir(directory)
   missing = [n for n in (CONFIG_FILE, WEIGHTS_DIR) if n not in names]
