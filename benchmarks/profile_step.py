@@ -17,6 +17,11 @@ the fusions' costs matched a bytes-moved estimate.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # repo root
+
 import argparse
 import collections
 import glob

@@ -36,6 +36,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   ))
   c.input = ml_collections.ConfigDict(dict(
       clip_len=8, crop_size=224, flip=True, randaugment=True, magnitude=7, num_layers=4,
+      # frames: the upstream's order, RandAugment of the whole decoded frames before the crop,
+      # on the host CPU; crops: on the accelerator after the crop (spares the host; the
+      # geometric ops and AutoContrast/Equalize/Contrast/Sharpness then see the crop)
+      randaugment_on="frames",
       num_samples=1,
       crop_area=(0.08, 1.0),     # train RandomResizedCrop: area fraction range (mmaction2)
       crop_ratio=(3 / 4, 4 / 3)))  # and aspect ratio (w/h) range

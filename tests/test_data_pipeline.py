@@ -196,15 +196,21 @@ def test_flip_follows_the_dataset_unless_asked(synthetic, recwarn):
 def test_load_builder_from_folder_and_errors(synthetic, tmp_path):
     again = data.load_builder(synthetic.builder.data_dir)
     assert again.info.splits["train"].num_examples == 8
-    with pytest.raises(ValueError, match="found 0"):
+    with pytest.raises(ValueError, match="no built dataset there"):
         data.load_builder(tmp_path)
     with pytest.raises(ValueError, match="no split 'test'"):
         data.train_dataset(synthetic.builder, "test", clip_len=4, crop_size=16, per_host_batch=2)
 
 
-def test_host_randaugment_path(synthetic):
-    plain, augmented = (take(train(synthetic.builder, clip_len=4, host_randaugment=ra), 2)
+def test_randaugment_of_whole_frames_before_the_crop(synthetic):
+    """randaugment=True: the ops see the whole frame, then the clip is cropped; the crop, flip
+    and frames are those of the same seed without it; resuming gives the same batches."""
+    kw = dict(clip_len=4, randaugment=True, randaugment_magnitude=9)
+    plain, augmented = (take(train(synthetic.builder, **dict(kw, randaugment=ra)), 2)
                         for ra in (False, True))
     assert augmented[0]["video"].shape == plain[0]["video"].shape
     np.testing.assert_array_equal(augmented[1]["label"], plain[1]["label"])
     assert any(not np.array_equal(a["video"], p["video"]) for a, p in zip(augmented, plain))
+    full = take(train(synthetic.builder, **kw), 3)
+    resumed = take(train(synthetic.builder, start_step=2, **kw), 1)
+    np.testing.assert_array_equal(full[2]["video"], resumed[0]["video"])

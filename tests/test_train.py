@@ -89,14 +89,41 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def test_train_step_with_on_device_randaugment(tmp_path):
-  """The recipes' default input path: uint8 clips, RandAugment + normalisation in the step."""
+  """randaugment_on="crops": uint8 clips, RandAugment + normalisation in the step."""
   sys.path.insert(0, os.path.dirname(HELPER))
   from train_helper import tiny_config
   from uniformerv2_jax.training.loop import train_and_evaluate
-  config = tiny_config({"input.randaugment": True, "train.steps_per_epoch": 2,
+  config = tiny_config({"input.randaugment": True, "input.randaugment_on": "crops",
+                        "train.steps_per_epoch": 2,
                         "train.checkpoint_every_steps": 100})
   summary = train_and_evaluate(config, str(tmp_path))
   assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+
+
+def test_slow_input_is_reported(tmp_path, capsys, monkeypatch):
+  """Each progress line says how much of the interval went to waiting for input batches, and a
+  run that mostly waits says once where the bottleneck is and what to turn."""
+  import time
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import tiny_config
+  from uniformerv2_jax.training import data_io
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  batches = data_io.train_batches
+
+  def slow(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+      time.sleep(0.5)  # a tiny CPU step takes ~10 ms: this input is the bottleneck
+      yield batch
+
+  monkeypatch.setattr(data_io, "train_batches", slow)
+  config = tiny_config({"train.steps_per_epoch": 4, "train.checkpoint_every_steps": 100})
+  train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  waits = [int(line.split(" input wait ")[1].split("%")[0]) for line in out.splitlines()
+           if " input wait " in line]
+  assert waits and min(waits) > 50, out
+  assert out.count("the host's input pipeline is the bottleneck") == 1, out
+  assert "randaugment_on=crops" not in out  # the fake data has no host RandAugment to move
 
 
 def test_run_reads_as_a_model(runs, tmp_path):

@@ -20,12 +20,11 @@ import math
 import os
 import warnings
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from .. import storage
-from . import tf_ops
+from . import tf_augment, tf_ops
 from .reader import StoredVideos
 from .spatial import AREA_RANGE, RATIO_RANGE, SPATIAL_PROTOCOLS
 
@@ -76,12 +75,20 @@ def _train_indices(size, seed, process_index, process_count, start_video):
     return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
 
 
-def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_range):
-    """One clip from its sampled JPEGs: RandomResizedCrop (shared by the frames), resize, flip."""
-    s_crop, s_flip = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(2))
+def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_range,
+                  randaugment=None, decoded=None):
+    """One clip from its sampled JPEGs: [RandAugment of the whole frames,] RandomResizedCrop
+    (shared by the frames), resize, flip. ``randaugment``: (magnitude, num_layers) or None;
+    ``decoded``: the whole frames when already decoded (repeated augmentation)."""
+    s_crop, s_flip, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
     shape = tf.io.extract_jpeg_shape(jpegs[0])
     box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1], area_range, ratio_range)
-    frames = tf_ops.decode_frames(jpegs, clip_len, box)
+    if randaugment is None:
+        frames = tf_ops.decode_frames(jpegs, clip_len, box)  # only the crop window
+    else:  # the upstream's order: the ops see the whole frame, then the crop is taken
+        whole = tf_ops.decode_frames(jpegs, clip_len) if decoded is None else decoded
+        frames = tf_augment.randaugment(s_aug, whole, *randaugment)
+        frames = frames[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
     frames = tf_ops.resize_uint8(frames, crop_size, crop_size)
     if flip:
         coin = tf.random.stateless_uniform([], s_flip) < 0.5
@@ -98,18 +105,20 @@ def _options(deterministic: bool = True) -> tf.data.Options:
 
 def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, crop_size: int,
                   per_host_batch: int, seed: int = 0, flip: bool | None = None,
-                  num_samples: int = 1, host_randaugment: bool = False, process_index: int = 0,
-                  process_count: int = 1, start_step: int = 0, randaugment_magnitude: int = 7,
+                  num_samples: int = 1, randaugment: bool = False, process_index: int = 0,
+                  process_count: int = 1, start_step: int = 0, randaugment_magnitude: float = 7,
                   randaugment_layers: int = 4, area_range=AREA_RANGE,
                   ratio_range=RATIO_RANGE) -> tf.data.Dataset:
     """Infinite train batches ``{"video": uint8 (B, T, S, S, 3), "label": int32 (B,)}``.
 
     ``num_samples`` > 1: repeated augmentation, ``B // num_samples`` videos per batch, each
-    ``num_samples`` times (consecutive): the same sampled frames with independent crops and
-    flips (and RandAugment, on the accelerator), as the upstream's ``AUG.NUM_SAMPLE``. ``flip=None`` uses
-    the dataset's setting (off for SSv2 and the synthetic set). ``host_randaugment`` applies
-    :func:`uniformerv2_jax.data.randaugment` on the host CPU (for inspection; train on the
-    accelerator instead). ``start_step`` = batches this host already consumed.
+    ``num_samples`` times (consecutive): the same sampled frames with independent crops, flips
+    and RandAugment draws, as the upstream's ``AUG.NUM_SAMPLE``. ``flip=None`` uses the
+    dataset's setting (off for SSv2 and the synthetic set). ``randaugment``: RandAugment
+    (``randaugment_magnitude``, ``randaugment_layers``; ``tf_augment.py``) of the whole decoded
+    frames before the crop, on the host CPU, as the upstream orders it (the alternative,
+    ``data.randaugment`` after the crop on the accelerator, belongs in the train step).
+    ``start_step`` = batches this host already consumed.
     ``area_range`` / ``ratio_range``: the RandomResizedCrop's crop area (fraction of the frame)
     and aspect ratio (w/h) ranges; the defaults are mmaction2's (0.08, 1) and (3/4, 4/3).
     """
@@ -123,6 +132,7 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     ds = _train_indices(len(videos), seed, process_index, process_count,
                         start_step * videos_per_batch)
     salt = seed ^ _SEED_SALT
+    ra = (float(randaugment_magnitude), int(randaugment_layers)) if randaugment else None
 
     def one_video(pos, index):
         # frame indices: numpy UniformSample seeded by (seed, stream position)
@@ -131,16 +141,16 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
             [index, pos], [tf.string, tf.int32], stateful=False)
         jpegs = tf.ensure_shape(jpegs, [clip_len])
         video_seed = tf.stack([tf.constant(salt, tf.int64), pos])
+        decoded = tf_ops.decode_frames(jpegs, clip_len) if ra and num_samples > 1 else None
         clips = [_train_sample(jpegs, tf.random.experimental.stateless_fold_in(video_seed, k),
-                               clip_len, crop_size, flip, tuple(area_range), tuple(ratio_range))
+                               clip_len, crop_size, flip, tuple(area_range), tuple(ratio_range),
+                               ra, decoded)
                  for k in range(num_samples)]
         return {"video": tf.stack(clips),
                 "label": tf.fill([num_samples], tf.ensure_shape(label, []))}
 
     ds = ds.map(one_video, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     ds = ds.batch(per_host_batch, drop_remainder=True)
-    if host_randaugment:
-        ds = _host_randaugment(ds, seed, start_step, randaugment_magnitude, randaugment_layers)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
@@ -152,26 +162,6 @@ def _flip_setting(builder, flip):
         warnings.warn(f"{builder.info.full_name}: horizontal flip requested, but the dataset's "
                       "labels depend on direction (its metadata says flip=False)")
     return bool(flip)
-
-
-def _host_randaugment(ds, seed, start_step, magnitude, layers):
-    import jax  # only for this inspection path
-
-    from .augment import randaugment
-
-    cpu = jax.devices("cpu")[0]
-    fn = jax.jit(lambda key, v: randaugment(key, v, magnitude=magnitude, num_layers=layers))
-
-    def apply(step, video):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), int(step))
-        with jax.default_device(cpu):
-            return np.asarray(fn(key, video))
-
-    def batch_fn(step, batch):
-        video = tf.numpy_function(apply, [step, batch["video"]], tf.uint8, stateful=False)
-        return {"video": tf.ensure_shape(video, batch["video"].shape), "label": batch["label"]}
-
-    return ds.enumerate(start=start_step).map(batch_fn, num_parallel_calls=1)
 
 
 def eval_batches(num_videos: int, num_views: int, per_host_batch: int, process_count: int = 1):

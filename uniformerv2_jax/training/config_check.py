@@ -102,6 +102,9 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
   if inp.crop_size != cfg.input_resolution:
     problems.append(f"config.input.crop_size={inp.crop_size} but the model's input_resolution "
                     f"is {cfg.input_resolution}")
+  if inp.randaugment_on not in ("frames", "crops"):
+    problems.append(f"config.input.randaugment_on={inp.randaugment_on!r}: use 'frames' (host, "
+                    "before the crop, as the upstream) or 'crops' (accelerator, after it)")
   if inp.clip_len != cfg.t_size:
     problems.append(f"config.input.clip_len={inp.clip_len} but config.model.t_size={cfg.t_size}")
   if config.dataset.num_classes != cfg.num_classes:

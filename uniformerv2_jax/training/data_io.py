@@ -98,7 +98,9 @@ def train_batches(config, builder, per_host: int, start_step: int) -> Iterator[d
                           crop_size=inp.crop_size, per_host_batch=per_host,
                           seed=config.train.seed, flip=inp.flip, num_samples=inp.num_samples,
                           process_index=pi, process_count=pc, start_step=start_step,
-                          area_range=tuple(inp.crop_area), ratio_range=tuple(inp.crop_ratio))
+                          area_range=tuple(inp.crop_area), ratio_range=tuple(inp.crop_ratio),
+                          randaugment=inp.randaugment and inp.randaugment_on == "frames",
+                          randaugment_magnitude=inp.magnitude, randaugment_layers=inp.num_layers)
   return ({"video": b["video"], "label": b["label"]} for b in ds.as_numpy_iterator())
 
 

@@ -111,6 +111,14 @@ def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
   return {"top1": totals["correct"] / n, "loss": totals["loss"] / n, "count": totals["count"]}
 
 
+def _input_hint(config, share: float) -> str:
+  hint = (f"note: {share:.0%} of the time went to waiting for input batches: the host's input "
+          "pipeline is the bottleneck (give it more CPU cores")
+  if config.input.randaugment and config.input.randaugment_on == "frames":
+    hint += ", or move RandAugment to the accelerator with --config.input.randaugment_on=crops"
+  return hint + "; benchmarks/input_pipeline.py --data_dir measures it)"
+
+
 def _last_good(step, directory) -> str:
   if step is None:
     return "No checkpoint was saved yet."
@@ -176,9 +184,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   flops, step_flops_known = None, False
   last_good, metrics, preempted = latest, None, False
   tick, tick_step = time.time(), start
+  waited, waited_at_tick, hinted = 0.0, 0.0, False  # seconds blocked on the input pipeline
   step = start
   while step < total_steps:
-    batch = data_io.to_global(next(train_iter), mesh)
+    t_in = time.time()
+    host_batch = next(train_iter)
+    waited += time.time() - t_in
+    batch = data_io.to_global(host_batch, mesh)
     if not step_flops_known:
       flops = flops_per_step(p_train.lower(state, batch)) if peak else None
       step_flops_known = True
@@ -202,16 +214,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
       line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
               f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
       scalars = {"train/" + k: v for k, v in m.items()}
+      hint = None
       if step > tick_step:  # no time yet for the step that compiled
         now = time.time()
         dt = (now - tick) / (step - tick_step)
-        tick, tick_step = now, step
+        input_share = (waited - waited_at_tick) / max(now - tick, 1e-9)
+        tick, tick_step, waited_at_tick = now, step, waited
         line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
         if flops and peak:
           line += f" MFU {flops / dt / (peak * jax.device_count()):.1%}"
-        line += f" ETA {_fmt(dt * (total_steps - step))}"
+        line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
         scalars["perf/clips_per_s"] = tc.global_batch_size / dt
+        scalars["perf/input_wait_fraction"] = input_share
+        if input_share > 0.5 and not hinted:
+          hinted, hint = True, _input_hint(config, input_share)
       log(line)
+      if hint:
+        log(hint)
       writer.scalars(step, scalars)
     ev, paused = None, time.time()  # evaluation and saving do not count as step time
     if is_eval:

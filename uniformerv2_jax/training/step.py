@@ -50,7 +50,7 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_aug, k_model = jax.random.split(key)
     videos, labels = batch["video"], batch["label"]
-    if inp.randaugment:
+    if inp.randaugment and inp.randaugment_on == "crops":  # "frames": done by the input
       videos = randaugment(k_aug, videos, magnitude=inp.magnitude, num_layers=inp.num_layers)
     videos = normalize(videos)
     params = state["params"]

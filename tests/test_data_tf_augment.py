@@ -1,0 +1,74 @@
+"""Host RandAugment (TensorFlow, whole frames before the crop) against the accelerator's (JAX),
+op by op: the same ops, magnitudes and arithmetic on any frame size."""
+import jax
+import numpy as np
+import pytest
+
+import tensorflow as tf
+from uniformerv2_jax.data import augment, tf_augment  # noqa: E402
+
+jax_op = jax.jit(augment.apply_op)
+WARPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Two frames of an odd size: smooth gradients plus noise (histograms and edges matter)."""
+    rng = np.random.default_rng(0)
+    h, w = 23, 41
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([40 + 4 * x, 30 + 7 * y, 120 + 2 * (x - y)], -1)
+    clip = np.stack([base, base[::-1] * 0.7]) + rng.normal(0, 12, (2, h, w, 3))
+    return np.clip(np.round(clip), 0, 255).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", augment.OPS)
+def test_each_op_matches_the_accelerator_version(frames, name):
+    op = augment.OPS.index(name)
+    for mag, sign in ((7.0, 1.0), (3.3, -1.0), (10.0, 1.0), (0.0, 1.0)):
+        want = np.asarray(jax_op(frames, op, mag, sign))
+        got = tf_augment.apply_op(tf.constant(frames), op, mag, sign).numpy()
+        diff = np.abs(got - want)
+        if name not in WARPS:
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} m={mag} sign={sign}")
+            continue
+        # Shears and translations sample many pixels at exactly half-way between two: the
+        # bilinear value is an integer + .5, and each implementation's float32 order rounds
+        # that tie its own way (checked against float64: every difference is such a tie).
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.02, (name, mag, sign, diff.max(),
+                                                                (diff > 0).mean())
+
+
+def test_randaugment_clip_level_draws(frames):
+    clip = tf.constant(np.repeat(frames[:1], 3, 0).astype(np.uint8))  # three equal frames
+    seed = tf.constant([3, 4], tf.int64)
+    out = tf_augment.randaugment(seed, clip, magnitude=9, num_layers=4, prob=1.0).numpy()
+    assert out.dtype == np.uint8 and out.shape == clip.shape
+    np.testing.assert_array_equal(out[0], out[1])  # the same ops for every frame
+    np.testing.assert_array_equal(out[0], out[2])
+    again = tf_augment.randaugment(seed, clip, magnitude=9, num_layers=4, prob=1.0).numpy()
+    np.testing.assert_array_equal(out, again)  # stateless: the seed decides
+    outs = [tf_augment.randaugment(tf.constant([s, 0], tf.int64), clip, prob=1.0).numpy()
+            for s in range(6)]
+    assert len({o.tobytes() for o in outs}) > 1
+    off = tf_augment.randaugment(seed, clip, prob=0.0).numpy()
+    np.testing.assert_array_equal(off, clip.numpy())
+
+
+def test_train_sample_augments_the_whole_frames_then_crops(frames):
+    """The pipeline's order is the upstream's: RandAugment of the decoded frames, then the
+    RandomResizedCrop box (drawn from the frame size) and the resize."""
+    from uniformerv2_jax.data import pipeline, tf_ops
+    jpegs = tf.stack([tf.io.encode_jpeg(f.astype(np.uint8), quality=95) for f in frames])
+    seed = tf.constant([11, 5], tf.int64)
+    got = pipeline._train_sample(jpegs, seed, 2, 16, False, (0.08, 1.0), (3 / 4, 4 / 3),
+                                 randaugment=(9.0, 4)).numpy()
+    s_crop, _, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
+    whole = tf_augment.randaugment(s_aug, tf_ops.decode_frames(jpegs, 2), 9.0, 4)
+    y, x, h, w = tf_ops.random_resized_crop_box(s_crop, 23, 41).numpy()
+    want = tf_ops.resize_uint8(whole[:, y:y + h, x:x + w], 16, 16).numpy()
+    np.testing.assert_array_equal(got, want)
+    crop_first = tf_augment.randaugment(
+        s_aug, tf_ops.resize_uint8(tf_ops.decode_frames(jpegs, 2)[:, y:y + h, x:x + w], 16, 16),
+        9.0, 4).numpy()
+    assert not np.array_equal(got, crop_first)  # the order is visible in the result
