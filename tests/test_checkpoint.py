@@ -154,8 +154,6 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
-# Orbax's reader threads complain on the closed event loop after the failed read
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_weights_are_one_message(tmp_path):
   """A model directory with a truncated array file: CheckpointError naming it, both reads."""
   path = save_pretrained(tmp_path / "m", tiny_model())

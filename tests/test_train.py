@@ -163,8 +163,6 @@ def test_run_reads_as_a_model(runs, tmp_path):
     load_pretrained(empty)
 
 
-# Orbax's reader threads complain on the closed event loop after the failed read
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_step_is_named_with_what_to_do(runs, tmp_path):
   import shutil
 
