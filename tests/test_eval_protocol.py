@@ -216,3 +216,4 @@ def test_dataset_not_built_is_one_message(golden, tmp_path):
   with pytest.raises(EvalConfigError, match=r"config.dataset: .*evalprotocol: no built dataset "
                      r"there .* python -m uniformerv2_jax.data.build"):
     evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()  # no empty output folder left behind

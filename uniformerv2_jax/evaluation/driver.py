@@ -131,17 +131,29 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   ``max_batches``: stop after that many batches per host (a smoke run): only the videos whose
   views all arrived are scored, and the summary records ``max_batches``.
   """
-  from uniformerv2_jax import data, storage
-  from uniformerv2_jax.checkpoint import resolve
-  from uniformerv2_jax.training.data_io import class_names as dataset_class_names
-  from uniformerv2_jax.training.data_io import num_classes
+  from uniformerv2_jax import storage
+  created = False
   if workdir is not None:
     workdir = storage.absolute(workdir)
     if jax.process_index() == 0:  # before the evaluation, not after it
+      created = not storage.exists(workdir)
       try:
         storage.ensure_writable(workdir)
       except PermissionError as e:
         raise EvalConfigError(f"--workdir {e}") from None
+  try:
+    return _evaluate(config, checkpoint, workdir, builder, max_batches, log)
+  except BaseException:
+    if created and not storage.is_url(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)  # a failed evaluation leaves no empty output folder behind
+    raise
+
+
+def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
+  from uniformerv2_jax import data
+  from uniformerv2_jax.checkpoint import resolve
+  from uniformerv2_jax.training.data_io import class_names as dataset_class_names
+  from uniformerv2_jax.training.data_io import num_classes
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))
