@@ -100,6 +100,19 @@ def test_train_step_with_on_device_randaugment(tmp_path):
   assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
 
 
+def test_recipe_input_path_end_to_end(tmp_path):
+  """The recipes' default input: RandAugment of the whole frames on the host, through a real
+  (synthetic) dataset, into the jitted step, on one CPU."""
+  from configs import demo
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  c = demo.get_config()
+  c.dataset.update(data_dir=str(tmp_path / "data"), num_train=16, num_val=8)
+  c.input.update(randaugment=True, randaugment_on="frames")
+  c.train.update(global_batch_size=8, epochs=1, eval_every_epochs=1, checkpoint_every_steps=100)
+  summary = train_and_evaluate(c, str(tmp_path / "work"))
+  assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+
+
 def test_slow_input_is_reported(tmp_path, capsys, monkeypatch):
   """Each progress line says how much of the interval went to waiting for input batches, and a
   run that mostly waits says once where the bottleneck is and what to turn."""
