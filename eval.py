@@ -27,7 +27,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model directory or traini
                                   "WORKDIR/checkpoints/STEP) to evaluate")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results.jsonl and summary.json go")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "stop after N batches per host (a smoke "
-                                    "run: scores the videos whose views all arrived)")
+                                    "run: scores the videos whose views all arrived)",
+                                    lower_bound=1)
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 FLAGS = flags.FLAGS

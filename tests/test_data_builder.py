@@ -164,7 +164,7 @@ def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path):
+def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path, monkeypatch):
     """--overwrite: a rebuild that fails leaves the old dataset byte for byte; one that
     succeeds replaces it; each error is one line naming what to fix."""
     for i in range(3):
@@ -189,6 +189,23 @@ def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path):
     rebuilt = tfds.builder_from_directory(str(dataset))
     assert rebuilt.info.splits["train"].num_examples == 3
     assert not [p for p in (tmp_path / "tfds").iterdir() if p.name.startswith(".rebuild-")]
+    # the swap itself fails half-way (old moved aside, new not in place): the old comes back
+    from uniformerv2_jax.data import builder as builder_module
+    before, moved_aside, failed = _files(dataset), [], []
+
+    def rename(src, dst):  # os.rename for everyone (TFDS too) but, once, the swap's second move
+        if ".rebuild-" in str(src) and ".rebuild-" not in str(dst) and not failed:
+            failed.append(src)
+            raise OSError("simulated failure of the second rename")
+        if str(src) == str(dataset):
+            moved_aside.append(dst)
+        os.replace(src, dst)
+
+    monkeypatch.setattr(builder_module.os, "rename", rename)
+    code, err = _list_build(tmp_path, *root, "--overwrite")
+    monkeypatch.undo()
+    assert code == 2 and "simulated failure" in err and "left unchanged" in err, err
+    assert moved_aside and _files(dataset) == before  # it was moved aside, and came back
     from uniformerv2_jax.data.build import main
     missing = tmp_path / "missing"
     assert main(["--config", "synthetic", "--manual_dir", str(missing), "--data_dir",

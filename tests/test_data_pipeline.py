@@ -203,8 +203,8 @@ def test_load_builder_from_folder_and_errors(synthetic, tmp_path):
 
 
 def test_randaugment_of_whole_frames_before_the_crop(synthetic):
-    """randaugment=True: the ops see the whole frame, then the clip is cropped; the crop, flip
-    and frames are those of the same seed without it; resuming gives the same batches."""
+    """randaugment=True: augmented clips of the same videos and labels as without it, and
+    resuming gives the same batches (the op-by-op order is tested in test_data_tf_augment)."""
     kw = dict(clip_len=4, randaugment=True, randaugment_magnitude=9)
     plain, augmented = (take(train(synthetic.builder, **dict(kw, randaugment=ra)), 2)
                         for ra in (False, True))

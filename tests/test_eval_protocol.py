@@ -138,7 +138,7 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
 
 def test_eval_stopped_early_scores_the_complete_videos(golden, dataset, tmp_path):
   """max_batches: reads only those batches; a video cut off mid-views is left out, not an error."""
-  from uniformerv2_jax.evaluation.driver import evaluate_checkpoint
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   model, ckpt = golden
   c = _config(per_device_batch=4)  # 4 views a batch: 2 batches = one whole video + 2 views
   summary = evaluate_checkpoint(c, ckpt, str(tmp_path), builder=dataset, max_batches=2)
@@ -147,6 +147,8 @@ def test_eval_stopped_early_scores_the_complete_videos(golden, dataset, tmp_path
   frames, label = stored_frames(dataset)[rec["video"]]
   np.testing.assert_allclose(rec["all_scores"], hand_protocol(model, frames)[1], atol=2e-3)
   assert rec["label"] == label
+  with pytest.raises(EvalConfigError, match="max_batches=1: no video got all its 6 views"):
+    evaluate_checkpoint(c, ckpt, str(tmp_path / "one"), builder=dataset, max_batches=1)
 
 
 def _reordered_checkpoint(model, directory, names):

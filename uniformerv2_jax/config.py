@@ -143,14 +143,14 @@ def _check_types(fields: dict[str, Any]) -> None:
   problems = []
   for f in dataclasses.fields(ModelConfig):
     value, default = fields[f.name], f.default
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if isinstance(default, bool):
-      ok = isinstance(value, (bool, np.bool_)) or value in (0, 1)
+      ok = isinstance(value, (bool, np.bool_)) or (number and value in (0, 1))
     elif isinstance(default, int):
-      ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) or (
-          isinstance(value, float) and value.is_integer())
+      ok = number and float(value).is_integer()
       value = int(value) if ok else value
     elif isinstance(default, float):
-      ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+      ok = number
       value = float(value) if ok else value
     elif isinstance(default, str):
       ok = isinstance(value, str)
@@ -180,7 +180,7 @@ def _build(base: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
   if "return_list" in overrides and "n_layers" not in overrides:
     fields["n_layers"] = len(fields["return_list"])
   drop = fields["mlp_dropout"]
-  if isinstance(drop, (int, float)):
+  if isinstance(drop, numbers.Real):
     drop = [drop] * fields["n_layers"]
   elif "mlp_dropout" not in overrides and len(drop) != fields["n_layers"]:
     drop = [drop[0] if drop else 0.5] * fields["n_layers"]

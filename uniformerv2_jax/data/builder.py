@@ -350,14 +350,20 @@ def _prepare(builder, manual_dir, num_shards) -> None:
 
 def _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards):
     """Builds into a temporary TFDS root in ``data_dir``, then swaps the version folder."""
+    stale = [n for n in os.listdir(data_dir) if n.startswith(".rebuild-")]
+    if stale:
+        print(f"note: {data_dir} holds {len(stale)} unfinished rebuild(s) ({', '.join(stale)}) "
+              "from an interrupted run; delete them to free the space", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix=".rebuild-", dir=data_dir)
+    old = os.path.join(tmp, "previous")
     try:
         fresh = VideoClassification(config=config, data_dir=tmp, num_workers=num_workers)
         _prepare(fresh, manual_dir, num_shards)
-        old = os.path.join(tmp, "previous")
         os.rename(final, old)
         os.rename(os.fspath(fresh.data_dir), final)
     except BaseException as e:
+        if os.path.exists(old) and not os.path.exists(final):
+            os.rename(old, final)  # interrupted between the two renames: put it back
         if isinstance(e, Exception):
             print(f"the rebuild failed; the existing dataset at {final} was left unchanged",
                   file=sys.stderr)

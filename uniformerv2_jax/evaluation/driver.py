@@ -184,6 +184,9 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                     complete_only=max_batches is not None)
   if max_batches is None and len(result.video_ids) != num_videos:
     raise RuntimeError(f"evaluated {len(result.video_ids)} videos but {split} has {num_videos}")
+  if not len(result.video_ids):
+    raise EvalConfigError(f"max_batches={max_batches}: no video got all its {num_views} views "
+                          f"in that many batches of {per_host}; raise it")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size))
   extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,

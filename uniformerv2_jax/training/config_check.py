@@ -182,4 +182,6 @@ def _override_problem(e: BaseException, argv) -> str:
   key = str(_deepest(e).args[0] if _deepest(e).args else e).strip("\"' ")
   named = [a.split("=")[0] for a in argv
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-  return f"{named[0] if named else '--config'}: the config has no field {key!r}.{hint}".rstrip()
+  files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  where = " or ".join(named) if named else f"--config={files[0] if files else '?'} (the file)"
+  return f"{where}: the config has no field {key!r}.{hint}".rstrip()

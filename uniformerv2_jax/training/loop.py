@@ -14,7 +14,7 @@ from uniformerv2_jax import sharding as shd
 from uniformerv2_jax import storage
 from uniformerv2_jax.config import model_config
 from uniformerv2_jax.training import config_check, data_io
-from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher
+from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
 from uniformerv2_jax.training.optim import make_optimizer
 from uniformerv2_jax.training.state import (create_train_state, model_def, state_shapes,
                                             state_shardings)
@@ -112,11 +112,28 @@ def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
 
 
 def _input_hint(config, share: float) -> str:
-  hint = (f"note: {share:.0%} of the time went to waiting for input batches: the host's input "
-          "pipeline is the bottleneck (give it more CPU cores")
-  if config.input.randaugment and config.input.randaugment_on == "frames":
+  hint = (f"note: the loop spent {share:.0%} of the time waiting for input batches: the host's "
+          "input pipeline limits this run (give it more CPU cores")
+  if config.input.randaugment and not data_io.randaugment_on_device(config):
     hint += ", or move RandAugment to the accelerator with --config.input.randaugment_on=crops"
   return hint + "; benchmarks/input_pipeline.py --data_dir measures it)"
+
+
+# Model config fields a resumed run may change: they leave the saved arrays' shapes alone.
+RESUMABLE_CHANGES = ("dtype", "remat", "attention", "backbone_drop_path_rate",
+                     "drop_path_rate", "mlp_dropout", "cls_dropout")
+
+
+def _check_same_model(directory: str, step: int, cfg) -> None:
+  from uniformerv2_jax.config import FIELDS, ModelConfig
+  saved = ModelConfig.from_dict(read_meta(os.path.join(directory, str(step)))["model_config"])
+  changed = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in FIELDS
+             if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)]
+  if changed:
+    raise config_check.ConfigError(
+        f"{directory}/{step} was trained with another model config ({'; '.join(changed)}); "
+        "resume it with the config it was started with, or start a new --workdir (with "
+        "config.init_from pointing at this run to start from its weights)")
 
 
 def _last_good(step, directory) -> str:
@@ -157,6 +174,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   history, best, best_step = [], 0.0, None
   latest = ckpt.latest_step()
   if latest is not None:
+    _check_same_model(ckpt.directory, latest, cfg)
     state, meta = ckpt.restore(state_shapes(mdef, tx, cfg.frozen), shardings, latest)
     history, best = meta.get("history", []), meta.get("best_top1", 0.0)
     best_step = meta.get("best_step")
@@ -199,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step == start + 1:  # compilation is not a step time
       jax.block_until_ready(metrics)
       log(f"compiled and ran step {step} in {time.time() - tick:.1f}s")
-      tick, tick_step = time.time(), step
+      tick, tick_step, waited_at_tick = time.time(), step, waited
     is_eval = step % eval_every == 0 or step == total_steps
     is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
     preempted = preempt.reached(step)
@@ -226,7 +244,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
         scalars["perf/clips_per_s"] = tc.global_batch_size / dt
         scalars["perf/input_wait_fraction"] = input_share
-        if input_share > 0.5 and not hinted:
+        if input_share > 0.9 and not hinted:  # dispatch is asynchronous: waits for input
+          # overlap device work until the input takes about as long as the step
           hinted, hint = True, _input_hint(config, input_share)
       log(line)
       if hint:

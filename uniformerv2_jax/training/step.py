@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.training import data_io
 from uniformerv2_jax.training.optim import merge_trainable, trainable
 
 
@@ -32,6 +33,7 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
   frozen = bool(mdef.cfg.frozen)
   accum = int(config.train.grad_accum_steps)
   inp = config.input
+  on_device_ra = data_io.randaugment_on_device(config)
   normalize, randaugment = _data_fns()
   batch_axes = shd.BATCH_AXES
 
@@ -50,7 +52,7 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_aug, k_model = jax.random.split(key)
     videos, labels = batch["video"], batch["label"]
-    if inp.randaugment and inp.randaugment_on == "crops":  # "frames": done by the input
+    if on_device_ra:  # else the host pipeline augmented the whole frames
       videos = randaugment(k_aug, videos, magnitude=inp.magnitude, num_layers=inp.num_layers)
     videos = normalize(videos)
     params = state["params"]
