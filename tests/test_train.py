@@ -125,7 +125,7 @@ def test_slow_input_is_reported(tmp_path, capsys, monkeypatch):
 
   def slow(*args, **kwargs):
     for batch in batches(*args, **kwargs):
-      time.sleep(0.5)  # a tiny CPU step takes ~10 ms: this input is the bottleneck
+      time.sleep(1.5)  # a tiny CPU step takes ~10 ms (~100 ms under a loaded CI)
       yield batch
 
   monkeypatch.setattr(data_io, "train_batches", slow)
@@ -135,7 +135,7 @@ def test_slow_input_is_reported(tmp_path, capsys, monkeypatch):
   out = capsys.readouterr().out
   waits = [int(line.split(" input wait ")[1].split("%")[0]) for line in out.splitlines()
            if " input wait " in line]
-  assert waits and min(waits) > 90 and max(waits) <= 100, out
+  assert waits and min(waits) > 80 and max(waits) <= 100, out  # ~99% on an idle machine
   assert out.count("the host's input pipeline limits this run") == 1, out
   assert "randaugment_on=crops" not in out  # no host RandAugment to move
 
