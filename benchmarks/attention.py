@@ -11,10 +11,10 @@ cuDNN rejected the unpadded backward of 197 and 257 tokens (odd lengths).
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
+import os
+import sys
 
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import argparse
 import time

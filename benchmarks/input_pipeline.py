@@ -24,14 +24,13 @@ training host before a long run to see whether the input keeps up.
 """
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
+import os
+import sys
 
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import argparse
 import importlib.util
-import os
 import platform
 import shutil
 import tempfile

@@ -10,10 +10,10 @@ table naming the device. On CPU use --tiny (a small model) unless you have hours
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
+import os
+import sys
 
-_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import argparse
 import itertools
