@@ -21,7 +21,7 @@ Log = Callable[[str], None]
 def _read_class_names(path: str | None) -> list[str] | None:
   if path is None:
     return None
-  if not os.path.isfile(path):
+  if not storage.exists(path):  # a local path or a gs:// URL, as read_class_names_file reads
     raise ConversionError(f"--class-names {path}: no such file")
   from uniformerv2_jax.heads import read_class_names_file
   return read_class_names_file(path)
