@@ -62,7 +62,8 @@ def test_train_sample_augments_the_whole_frames_then_crops(frames):
     jpegs = tf.stack([tf.io.encode_jpeg(f.astype(np.uint8), quality=95) for f in frames])
     seed = tf.constant([11, 5], tf.int64)
     got = pipeline._train_sample(jpegs, seed, 2, 16, False, (0.08, 1.0), (3 / 4, 4 / 3),
-                                 randaugment=(9.0, 4)).numpy()
+                                 randaugment=(9.0, 4),
+                                 decoded=tf_ops.decode_frames(jpegs, 2)).numpy()
     s_crop, _, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
     whole = tf_augment.randaugment(s_aug, tf_ops.decode_frames(jpegs, 2), 9.0, 4)
     y, x, h, w = tf_ops.random_resized_crop_box(s_crop, 23, 41).numpy()

@@ -79,15 +79,14 @@ def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_rang
                   randaugment=None, decoded=None):
     """One clip from its sampled JPEGs: [RandAugment of the whole frames,] RandomResizedCrop
     (shared by the frames), resize, flip. ``randaugment``: (magnitude, num_layers) or None;
-    ``decoded``: the whole frames when already decoded (repeated augmentation)."""
+    with it, ``decoded``: the whole frames (decoded once for all samples of a video)."""
     s_crop, s_flip, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
     shape = tf.io.extract_jpeg_shape(jpegs[0])
     box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1], area_range, ratio_range)
     if randaugment is None:
         frames = tf_ops.decode_frames(jpegs, clip_len, box)  # only the crop window
     else:  # the upstream's order: the ops see the whole frame, then the crop is taken
-        whole = tf_ops.decode_frames(jpegs, clip_len) if decoded is None else decoded
-        frames = tf_augment.randaugment(s_aug, whole, *randaugment)
+        frames = tf_augment.randaugment(s_aug, decoded, *randaugment)
         frames = frames[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
     frames = tf_ops.resize_uint8(frames, crop_size, crop_size)
     if flip:
@@ -141,7 +140,7 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
             [index, pos], [tf.string, tf.int32], stateful=False)
         jpegs = tf.ensure_shape(jpegs, [clip_len])
         video_seed = tf.stack([tf.constant(salt, tf.int64), pos])
-        decoded = tf_ops.decode_frames(jpegs, clip_len) if ra and num_samples > 1 else None
+        decoded = tf_ops.decode_frames(jpegs, clip_len) if ra else None
         clips = [_train_sample(jpegs, tf.random.experimental.stateless_fold_in(video_seed, k),
                                clip_len, crop_size, flip, tuple(area_range), tuple(ratio_range),
                                ra, decoded)
