@@ -195,9 +195,24 @@ def _kinetics_class_names(layout: str, num_classes: int, log: Log) -> list[str] 
   return None
 
 
+def _to_torch(array):
+  """numpy -> torch, bfloat16 included (torch.from_numpy has no bfloat16; float32 holds it
+  exactly)."""
+  import torch
+  array = np.asarray(array)
+  if array.dtype.name == "bfloat16":
+    return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+  return torch.from_numpy(np.ascontiguousarray(array)) if array.ndim else torch.tensor(array)
+
+
 def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = False,
-                log: Log = print) -> str:
-  """A model directory or training checkpoint -> a PyTorch state dict the upstream code loads."""
+                flat: bool = False, log: Log = print) -> str:
+  """A model directory or training checkpoint -> a PyTorch state dict the upstream code loads.
+
+  ``flat``: the bare state dict, without the ``model_state`` / ``state_dict`` wrapper (the
+  original repository's ``UNIFORMERV2.PRETRAIN`` reads flat files; its
+  ``TEST.CHECKPOINT_FILE_PATH`` and mmaction2 read the wrapped ones).
+  """
   import torch
 
   from uniformerv2_jax.checkpoint import load_weights_tree
@@ -213,9 +228,20 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   if not cfg.no_lmhra:  # BatchNorm3d's counter, so that strict loading finds every key
     for i in range(cfg.layers):
       for m in ("lmhra1", "lmhra2") if cfg.double_lmhra else ("lmhra1",):
-        tensors[f"transformer.resblocks.{i}.{m}.pos_embed.0.num_batches_tracked"] = np.array(0)
-  state = to_layout({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
-                    layout)
+        tensors[f"transformer.resblocks.{i}.{m}.pos_embed.0.num_batches_tracked"] = np.array(
+            0, np.int64)  # BatchNorm's buffer: int64, shape ()
+  if cfg.frozen and layout == "mmaction2":
+    # mmaction2's UniFormerV2 has no frozen option: its head always mixes
+    # (1 - sigmoid(balance)) * cls + sigmoid(balance) * residual. balance = -inf makes that
+    # exactly the frozen model's output (sigmoid(-inf) = 0), and keeps it there when trained.
+    width = tensors["transformer.proj.0.weight"].shape[0]
+    tensors["transformer.balance"] = np.full((width,), -np.inf,
+                                             tensors["transformer.proj.0.weight"].dtype)
+    log("note: mmaction2's UniFormerV2 has no frozen option; transformer.balance is written as "
+        "-inf so that its output is exactly this frozen model's")
+  state = to_layout({k: _to_torch(v) for k, v in tensors.items()}, layout)
+  if flat:
+    state = state["model_state" if layout == "original" else "state_dict"]
   output = os.path.abspath(output)
   os.makedirs(os.path.dirname(output), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-",

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="model directory, training workdir or WORKDIR/checkpoints/STEP")
   e.add_argument("--layout", required=True, choices=("original", "mmaction2"))
   e.add_argument("--output", required=True, help=".pyth/.pth file to write")
+  e.add_argument("--flat", action="store_true",
+                 help="write the bare state dict, without the model_state/state_dict wrapper "
+                      "(what the original repository's UNIFORMERV2.PRETRAIN reads)")
   e.add_argument("--overwrite", action="store_true")
   k = sub.add_parser("checkpoint", help="training checkpoint -> model directory (weights only)")
   k.add_argument("--input", required=True,
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
   log = lambda msg: print(msg, flush=True)
   try:
     if args.command == "export":
-      convert.export_file(args.input, args.layout, args.output, overwrite=args.overwrite, log=log)
+      convert.export_file(args.input, args.layout, args.output, overwrite=args.overwrite,
+                          flat=args.flat, log=log)
       return 0
     if args.command == "checkpoint":
       convert.checkpoint_to_model_dir(args.input, args.output, overwrite=args.overwrite, log=log)

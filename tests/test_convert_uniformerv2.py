@@ -17,7 +17,7 @@ from flax import nnx
 from conftest import GOLDEN, golden_case, rel_err, torch_input_to_jax
 from convert.__main__ import main as cli_main
 from uniformerv2_jax.checkpoint import (load_pretrained, read_class_names, read_config,
-                                        restore_weights)
+                                        restore_weights, save_pretrained)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,10 +108,10 @@ def test_other_layouts_in_process(case, layout, tmp_path, x64):
   assert rel_err(out, arrays["logits"]) < 1e-9
 
 
-def _tensors(path):
+def _tensors(path, counters=False):
   sd = torch.load(path, weights_only=True)
   sd = sd.get("model_state", sd.get("state_dict", sd))
-  return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+  return {k: v for k, v in sd.items() if counters or not k.endswith("num_batches_tracked")}
 
 
 @pytest.mark.parametrize("case", ["tiny_k400", "tiny_ssv2"])
@@ -129,6 +129,11 @@ def test_export_round_trip(case, tmp_path, x64):
       assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
     raw = torch.load(exported, weights_only=True)
     assert ("model_state" in raw) == (layout == "original")
+    counters = [v for k, v in _tensors(exported, counters=True).items()
+                if k.endswith("num_batches_tracked")]
+    assert len(counters) == len(_tensors(GOLDEN / original, counters=True)) - len(want)
+    bn = torch.nn.BatchNorm3d(2).state_dict()["num_batches_tracked"]  # what strict loading meets
+    assert all(c.dtype == bn.dtype and c.shape == bn.shape for c in counters)
     code, err = cli("uniformerv2", "--input", exported, "--model", config_file(tmp_path, case),
                     "--output", tmp_path / f"again_{layout}")
     assert code == 0, err
@@ -136,6 +141,52 @@ def test_export_round_trip(case, tmp_path, x64):
     jax.tree.map(np.testing.assert_array_equal, again, first)  # identical model
   out, arrays = logits(tmp_path / "again_mmaction2", case)
   assert rel_err(out, arrays["logits"]) < 1e-9
+
+
+def test_export_flat_and_bfloat16(tmp_path):
+  """--flat writes the bare dict the original repository's PRETRAIN reads; bfloat16 parameters
+  export as bfloat16 tensors holding the same values."""
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth",
+                  "--model", config_file(tmp_path, "tiny_k400"), "--output", tmp_path / "m")
+  assert code == 0, err
+  code, err = cli("export", "--input", tmp_path / "m", "--layout", "original", "--flat",
+                  "--output", tmp_path / "flat.pyth")
+  assert code == 0, err
+  raw, golden = (torch.load(p, weights_only=True) for p in (tmp_path / "flat.pyth",
+                                                             GOLDEN / "tiny_k400.pyth"))
+  assert raw.keys() == golden["model_state"].keys()
+  assert all(torch.equal(raw[k], golden["model_state"][k]) for k in raw)
+  save_pretrained(tmp_path / "bf16", load_pretrained(tmp_path / "m", param_dtype="bfloat16"))
+  code, err = cli("export", "--input", tmp_path / "bf16", "--layout", "mmaction2",
+                  "--output", tmp_path / "bf16.pth")
+  assert code == 0, err
+  got, want = _tensors(tmp_path / "bf16.pth"), _tensors(GOLDEN / "tiny_k400_mmaction.pth")
+  assert got.keys() == want.keys()
+  for k in want:
+    assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].to(torch.bfloat16)), k
+
+
+def test_frozen_model_exports_to_mmaction2(tmp_path, x64):
+  """mmaction2's UniFormerV2 has no frozen option: the export writes balance = -inf, and the
+  model mmaction2 builds (balance present) computes the frozen model's logits exactly."""
+  sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)
+  del sd["model_state"]["backbone.transformer.balance"]
+  torch.save(sd, tmp_path / "frozen.pyth")
+  code, err = cli("uniformerv2", "--input", tmp_path / "frozen.pyth", "--model",
+                  config_file(tmp_path, "tiny_k400", frozen=True), "--output", tmp_path / "m")
+  assert code == 0, err
+  code, err = cli("export", "--input", tmp_path / "m", "--layout", "mmaction2",
+                  "--output", tmp_path / "frozen.pth")
+  assert code == 0, err
+  balance = _tensors(tmp_path / "frozen.pth")["backbone.transformer.balance"]
+  assert balance.dtype == torch.float32 and torch.all(balance == -torch.inf)
+  code, err = cli("uniformerv2", "--input", tmp_path / "frozen.pth", "--model",
+                  config_file(tmp_path, "tiny_k400"), "--output", tmp_path / "mixed")
+  assert code == 0, err
+  frozen, _ = logits(tmp_path / "m", "tiny_k400")
+  mixed, arrays = logits(tmp_path / "mixed", "tiny_k400")
+  np.testing.assert_array_equal(mixed, frozen)
+  assert rel_err(mixed, arrays["logits"]) > 1e-3  # the golden (unfrozen) model's differ
 
 
 def test_head_map_on_cli(tmp_path):
