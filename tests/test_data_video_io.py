@@ -73,6 +73,19 @@ def test_frame_rate_is_capped_by_dropping_frames(tmp_path):
     assert fps == 60 and len(jpegs) == 24
 
 
+def test_a_source_just_above_the_cap_keeps_every_frame(tmp_path):
+  """A "30 fps" camera file that reports 30.03 (3003/100) keeps all its frames, as the upstream's
+  decoders (which never resample) do; 31 fps is above the 1% tolerance and is resampled."""
+  frames = np.zeros((60, 16, 16, 3), np.uint8)
+  frames[..., 0] = (np.arange(60) * 4)[:, None, None]
+  for rate, kept in ((30.03, 60), (31, 58)):  # 60 frames at 31 fps span 58 slots of 1/30 s
+    path = tmp_path / f"{rate}.mp4"
+    write_video(path, frames, fps=rate)
+    jpegs, fps, _ = jpeg_frames(path, short_side=None, max_fps=30)
+    assert len(jpegs) == kept, rate
+    assert fps == pytest.approx(rate if kept == 60 else 30, rel=1e-3)
+
+
 @pytest.mark.parametrize("h,w,codec,ext,short,expect", [
     (80, 48, "libx264", "mp4", 32, (53, 32)),   # portrait: long side int(80*32/48 + .5)
     (8, 8, "libx264", "mp4", None, (8, 8)),      # tiny

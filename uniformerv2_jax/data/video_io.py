@@ -44,6 +44,9 @@ def _open(path):
     return container
 
 
+FPS_TOLERANCE = 1.01  # a source up to 1% above the requested rate keeps every frame
+
+
 def _source_fps(stream) -> float | None:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return float(rate) if rate else None
@@ -65,7 +68,9 @@ def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
         target = fps if fps else src
         if target and max_fps:
             target = min(target, max_fps)
-        keep_all = not src or not target or target >= src - 1e-6
+        # Within 1% of the source rate every frame is kept: a "30 fps" file reporting 30.03
+        # would otherwise lose one frame in 300 and shift every later one.
+        keep_all = not src or not target or target >= src / FPS_TOLERANCE
         out_fps = src if keep_all else target
         t0, last_slot, count = None, -1, 0
         for frame in container.decode(stream):
