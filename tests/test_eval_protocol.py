@@ -43,6 +43,8 @@ def dataset(tmp_path_factory):
     frames = render_clip(rng, label % 4, size=max(h, w), num_frames=n)[:, :h, :w]
     write_video(str(root / f"v{i}.mp4"), frames, fps=25)
     lines.append(f"v{i}.mp4 {label}\n")
+  (root / "broken.mp4").write_bytes(b"not a video")  # skipped by the build, counted in summary
+  lines.append("broken.mp4 2\n")
   (root / "val.txt").write_text("".join(lines))
   cfg = VideoConfig(name="evalprotocol", annotations={"validation": str(root / "val.txt")},
                     video_roots={"validation": str(root)}, class_names=CLASSES, short_side=None)
@@ -134,6 +136,8 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
     assert on_disk[k] == pytest.approx(want[k])
   assert on_disk["num_views"] == NUM_CLIPS * NUM_CROPS
   assert on_disk["protocol"]["spatial"] == "mmaction2"
+  assert on_disk["protocol"]["dtype"] == "float32" and on_disk["protocol"]["attention"] == "xla"
+  assert on_disk["skipped_videos"] == 1  # broken.mp4
 
 
 def test_eval_stopped_early_scores_the_complete_videos(golden, dataset, tmp_path):
@@ -219,3 +223,44 @@ def test_dataset_not_built_is_one_message(golden, tmp_path):
                      r"there .* python -m uniformerv2_jax.data.build"):
     evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()  # no empty output folder left behind
+
+
+def test_head_without_class_names_is_not_scored_unchecked(golden, dataset, tmp_path):
+  """A head that does not name its classes (an original-repository checkpoint converted without
+  --class-names) cannot be checked against the dataset's order: refused, unless the user says
+  row i is class i."""
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  model, _ = golden
+  nameless = save_pretrained(str(tmp_path / "nameless"), model)
+  with pytest.raises(EvalConfigError, match="does not name its head's classes.*--class-names "
+                     "FILE.*match_class_names=False"):
+    evaluate_checkpoint(_config(), nameless, str(tmp_path / "x"), builder=dataset)
+  c = _config()
+  c.eval.match_class_names = False
+  expected = {name: hand_protocol(model, frames)[1]
+              for name, (frames, _) in stored_frames(dataset).items()}
+  evaluate_checkpoint(c, nameless, str(tmp_path / "raw"), builder=dataset)
+  for line in (tmp_path / "raw" / "results.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    np.testing.assert_allclose(rec["all_scores"], expected[rec["video"]], atol=2e-3)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("spatial", "orig", "spatial='orig': use one of"), ("num_crops", 2, "num_crops=2: use 1")])
+def test_bad_views_are_refused_before_loading_anything(field, value, message, tmp_path):
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  c = _config()
+  c.eval[field] = value
+  out = tmp_path / "eval" / "run"
+  with pytest.raises(EvalConfigError, match=message):  # the checkpoint is never opened
+    evaluate_checkpoint(c, str(tmp_path / "no-such-checkpoint"), str(out))
+  assert not (tmp_path / "eval").exists()
+
+
+def test_failed_evaluation_removes_the_folders_it_created(golden, tmp_path):
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  c = _config()
+  c.dataset.data_dir = str(tmp_path / "tfds")  # never built
+  with pytest.raises(EvalConfigError):
+    evaluate_checkpoint(c, golden[1], str(tmp_path / "eval" / "a" / "out"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == []

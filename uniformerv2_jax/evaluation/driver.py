@@ -82,6 +82,14 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
   names = class_names_for(config, checkpoint, num_classes)
   order = None
   if _get(config.eval, "match_class_names", True):
+    if head_map is None and data_names is not None and _unnamed_head(checkpoint):
+      raise EvalConfigError(
+          f"{checkpoint} does not name its head's classes (no class_names.txt), so evaluation "
+          f"cannot check that head row i is the dataset's class i (the original repository's "
+          "Kinetics heads, for one, list their classes in another order). Give it the class "
+          "list its head was trained with (`python -m convert uniformerv2 ... --class-names "
+          "FILE`), or, if row i is the dataset's class i, pass "
+          "--config.eval.match_class_names=False.")
     order = match_classes(names, data_names, checkpoint)
     if order is not None and jax.process_index() == 0:
       log(f"eval: {checkpoint} lists the dataset's {len(order)} classes in another order; its "
@@ -100,6 +108,24 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
       raise EvalConfigError(f"{checkpoint}: the model has {have} classes but {what} {want}."
                             f"{hint}")
   return model, names, order is not None
+
+
+def _unnamed_head(checkpoint: str) -> bool:
+  from uniformerv2_jax.checkpoint import head_class_names
+  return head_class_names(checkpoint) is None
+
+
+def check_protocol(ev) -> None:
+  """The views a config asks for, before any model is loaded."""
+  from uniformerv2_jax.data.spatial import SPATIAL_PROTOCOLS
+  spatial = _get(ev, "spatial", "mmaction2")
+  if spatial not in SPATIAL_PROTOCOLS:
+    raise EvalConfigError(f"--config.eval.spatial={spatial!r}: use one of {SPATIAL_PROTOCOLS}")
+  if int(ev.num_crops) not in (1, 3):
+    raise EvalConfigError(f"--config.eval.num_crops={ev.num_crops}: use 1 (centre) or 3")
+  if int(ev.num_clips) < 1 or int(ev.per_device_batch) < 1:
+    raise EvalConfigError(f"--config.eval.num_clips={ev.num_clips}, per_device_batch="
+                          f"{ev.per_device_batch}: each must be at least 1")
 
 
 class EvalConfigError(ValueError):
@@ -132,11 +158,16 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   views all arrived are scored, and the summary records ``max_batches``.
   """
   from uniformerv2_jax import storage
-  created = False
+  check_protocol(config.eval)
+  created = []  # the folders this evaluation creates, deepest first
   if workdir is not None:
     workdir = storage.absolute(workdir)
     if jax.process_index() == 0:  # before the evaluation, not after it
-      created = not storage.exists(workdir)
+      if not storage.is_url(workdir):
+        folder = workdir
+        while folder != os.path.dirname(folder) and not os.path.exists(folder):
+          created.append(folder)
+          folder = os.path.dirname(folder)
       try:
         storage.ensure_writable(workdir)
       except PermissionError as e:
@@ -144,8 +175,9 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   try:
     return _evaluate(config, checkpoint, workdir, builder, max_batches, log)
   except BaseException:
-    if created and not storage.is_url(workdir) and not os.listdir(workdir):
-      os.rmdir(workdir)  # a failed evaluation leaves no empty output folder behind
+    for folder in created:  # a failed evaluation leaves no empty output folders behind
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
     raise
 
 
@@ -178,7 +210,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          spatial=spatial)
   batches = (_numpy(b) for b in itertools.islice(ds, max_batches))  # None: all
-  aggregate = _get(ev, "aggregate") or ("sum" if spatial == "original" else "mean")
+  aggregate = "sum" if spatial == "original" else "mean"  # each upstream's own (same ranking)
   result = evaluate(Evaluator(model, mesh), batches, num_views=num_views, per_host_batch=per_host,
                     aggregate=aggregate, total_views=num_videos * num_views, log=log,
                     complete_only=max_batches is not None)
@@ -188,11 +220,14 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
     raise EvalConfigError(f"max_batches={max_batches}: no video got all its {num_views} views "
                           f"in that many batches of {per_host}; raise it")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
-                  clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size))
+                  clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size),
+                  dtype=str(model.config.dtype), attention=_attention(model.config))
   extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
                protocol=protocol, devices=jax.device_count(),
-               processes=jax.process_count())
+               processes=jax.process_count(),
+               # videos the dataset build could not read (listed in its skipped-SPLIT.tsv)
+               skipped_videos=int((builder.info.metadata or {}).get(f"skipped_{split}", 0) or 0))
   if max_batches is not None:  # a smoke run: say so wherever its numbers go
     extra["max_batches"] = max_batches
   if workdir is None:
@@ -204,6 +239,12 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
     _log(f"eval: top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} mean class accuracy "
          f"{summary['mean_class_accuracy']:.4f} -> {os.path.join(workdir, 'summary.json')}")
   return summary
+
+
+def _attention(cfg) -> str:
+  """The backbone's attention as it ran ("auto" resolved)."""
+  from uniformerv2_jax.layers import attention_impl
+  return attention_impl(cfg.attention, cfg.dtype, cfg.width // cfg.heads)
 
 
 def _numpy(batch) -> dict[str, np.ndarray]:
