@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MEAN", "STD", "OPS", "normalize", "randaugment", "apply_op"]
+__all__ = ["MEAN", "STD", "OPS", "normalize", "randaugment", "apply_op", "draw_policy"]
 
 MEAN, STD = 114.75, 57.375
 FILL = 128.0
@@ -180,18 +180,26 @@ def apply_op(clip, op, magnitude, sign=1.0):
     return jnp.where(is_warp, out_warp, jnp.where(is_blend, out_blend, out_lut))
 
 
-def _augment_clip(key, clip, magnitude, num_layers, magnitude_std, prob):
+def draw_policy(key, num_layers: int = 4, magnitude: float = 7, magnitude_std: float = 0.5,
+                prob: float = 0.5):
+    """One clip's ops: (op index, magnitude, sign, applied?) per layer, timm's draws: ops
+    uniform with replacement, magnitude ~ N(m, std) clipped to [0, 10], sign +-1 and
+    application each with their probability."""
     k_op, k_mag, k_sign, k_apply = jax.random.split(key, 4)
     ops = jax.random.randint(k_op, (num_layers,), 0, len(OPS))
     mags = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_mag, (num_layers,)), 0, 10)
     signs = jnp.where(jax.random.uniform(k_sign, (num_layers,)) < 0.5, -1.0, 1.0)
     applied = jax.random.uniform(k_apply, (num_layers,)) < prob
+    return ops, mags, signs, applied
 
+
+def _augment_clip(key, clip, magnitude, num_layers, magnitude_std, prob):
     def layer(clip, xs):  # one traced body for all layers: compiles once
         op, mag, sign, on = xs
         return jnp.where(on, apply_op(clip, op, mag, sign), clip), None
 
-    return jax.lax.scan(layer, clip, (ops, mags, signs, applied))[0]
+    policy = draw_policy(key, num_layers, magnitude, magnitude_std, prob)
+    return jax.lax.scan(layer, clip, policy)[0]
 
 
 def randaugment(rng, videos, magnitude: float = 7, num_layers: int = 4,

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from .augment import FILL, OPS
 
-__all__ = ["randaugment", "apply_op"]
+__all__ = ["randaugment", "apply_op", "draw_policy"]
 
 
 # ---- value maps -------------------------------------------------------------------------
@@ -168,18 +168,26 @@ def apply_op(frames, op, magnitude, sign=1.0):
     return tf.switch_case(tf.cast(op, tf.int32), branches)
 
 
-def randaugment(seed, frames, magnitude: float = 7, num_layers: int = 4,
-                magnitude_std: float = 0.5, prob: float = 0.5):
-    """timm's ``rand-m7-n4-mstd0.5-inc1`` on one clip (T, H, W, 3) uint8: ``num_layers`` ops
-    drawn with replacement, each applied with probability ``prob`` at magnitude
-    ~ N(magnitude, magnitude_std) clipped to [0, 10] and a random sign; the same for every
-    frame. ``seed``: stateless seed, int64 (2,)."""
+def draw_policy(seed, num_layers: int = 4, magnitude: float = 7, magnitude_std: float = 0.5,
+                prob: float = 0.5):
+    """One clip's (op index, magnitude, sign, applied?) per layer: the draws of
+    ``augment.draw_policy`` from a stateless seed."""
     s = [tf.random.experimental.stateless_fold_in(seed, k) for k in range(4)]
     ops = tf.random.stateless_uniform([num_layers], s[0], 0, len(OPS), dtype=tf.int32)
     mags = tf.clip_by_value(magnitude + magnitude_std * tf.random.stateless_normal(
         [num_layers], s[1]), 0.0, 10.0)
     signs = tf.where(tf.random.stateless_uniform([num_layers], s[2]) < 0.5, -1.0, 1.0)
     applied = tf.random.stateless_uniform([num_layers], s[3]) < prob
+    return ops, mags, signs, applied
+
+
+def randaugment(seed, frames, magnitude: float = 7, num_layers: int = 4,
+                magnitude_std: float = 0.5, prob: float = 0.5):
+    """timm's ``rand-m7-n4-mstd0.5-inc1`` on one clip (T, H, W, 3) uint8: ``num_layers`` ops
+    drawn with replacement, each applied with probability ``prob`` at magnitude
+    ~ N(magnitude, magnitude_std) clipped to [0, 10] and a random sign; the same for every
+    frame. ``seed``: stateless seed, int64 (2,)."""
+    ops, mags, signs, applied = draw_policy(seed, num_layers, magnitude, magnitude_std, prob)
     out = tf.cast(frames, tf.float32)
     for i in range(num_layers):
         out = tf.cond(applied[i], lambda i=i, x=out: apply_op(x, ops[i], mags[i], signs[i]),
