@@ -129,3 +129,68 @@ def test_cudnn_path_plumbing_with_xla_kernel(monkeypatch, train, x64):
   if not train:
     assert rel_err(reference[0], golden_case("tiny_k400")[0]["logits"]) < 1e-9
   assert_same_results(reference, fused)
+
+
+def _torch_bn(x, scale, bias):
+  """torch.nn.BatchNorm3d in train mode on channels-last x (N, T, HW, C): (output, module)."""
+  c = x.shape[-1]
+  bn = torch.nn.BatchNorm3d(c, momentum=0.1).to(torch.from_numpy(x).dtype)
+  with torch.no_grad():
+    bn.weight.copy_(torch.from_numpy(scale))
+    bn.bias.copy_(torch.from_numpy(bias))
+  out = bn.train()(torch.from_numpy(x).permute(0, 3, 1, 2)[..., None])
+  return out[..., 0].permute(0, 2, 3, 1).detach().numpy(), bn
+
+
+def _jax_bn(c, dtype, replica_batch=0):
+  from uniformerv2_jax.model import BatchNorm
+  return BatchNorm(c, param_dtype=dtype, dtype=dtype, replica_batch=replica_batch)
+
+
+def test_batchnorm_per_replica_is_torch_per_gpu(x64):
+  """replica_batch: each group of clips is normalised as one GPU's BatchNorm3d under DDP; the
+  running statistics move by the mean of the GPUs' updates."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 3, 5, 4)) * rng.uniform(0.5, 3, 4) + rng.normal(size=4)
+  scale, bias = rng.normal(size=4), rng.normal(size=4)
+  bn = _jax_bn(4, jnp.float64, replica_batch=2)
+  bn.scale[...], bn.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+  got = np.asarray(bn(jnp.asarray(x), train=True))
+  per_gpu = [_torch_bn(x[g:g + 2], scale, bias) for g in (0, 2, 4)]
+  np.testing.assert_allclose(got, np.concatenate([out for out, _ in per_gpu]), rtol=0, atol=1e-12)
+  for name, ours in (("running_mean", bn.mean), ("running_var", bn.var)):
+    want = np.mean([getattr(m, name).numpy() for _, m in per_gpu], axis=0)
+    np.testing.assert_allclose(np.asarray(ours[...]), want, rtol=1e-12)
+  whole = _jax_bn(4, jnp.float64)  # 0: one group, torch on the whole batch (SyncBatchNorm)
+  whole.scale[...], whole.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+  np.testing.assert_allclose(np.asarray(whole(jnp.asarray(x), train=True)),
+                             _torch_bn(x, scale, bias)[0], rtol=0, atol=1e-12)
+  with pytest.raises(ValueError, match="replica_batch=4 does not divide the batch of 6"):
+    _jax_bn(4, jnp.float64, replica_batch=4)(jnp.asarray(x), train=True)
+
+
+def test_batchnorm_float32_variance_as_accurate_as_torch():
+  """A channel whose mean is 300x its spread: float32 statistics lose no more than torch's
+  (a one-pass E[x^2] - E[x]^2 lost ~100x more)."""
+  rng = np.random.default_rng(1)
+  x64 = rng.normal(size=(8, 8, 49, 3)) + np.array([300.0, -80.0, 0.5])
+  exact = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5)
+  x = x64.astype(np.float32)
+  ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+  torch_err = np.abs(_torch_bn(x, ones, zeros)[0] - exact).max()
+  ours = np.asarray(_jax_bn(3, jnp.float32)(jnp.asarray(x), train=True))
+  assert np.abs(ours - exact).max() <= 2 * torch_err + 1e-6, (np.abs(ours - exact).max(), torch_err)
+
+
+def test_drop_path_groups_draw_one_mask_per_replica():
+  """groups=G: consecutive groups of the leading axis draw their own masks (one per upstream
+  GPU); inside a group the mask is shared as the mask shape says; kept values are x / keep."""
+  from uniformerv2_jax.layers import drop_path
+  x = jnp.ones((8 * 2, 5, 3))  # 8 groups of 2 rows (videos x frames), 5 token positions
+  out = np.asarray(drop_path(x, 0.5, jax.random.PRNGKey(0), (1, 5, 1), groups=8))
+  assert set(np.unique(out)) <= {0.0, 2.0}
+  groups = out.reshape(8, 2, 5, 3)
+  assert (groups == groups[:, :1, :, :1]).all()  # shared by the group's rows and channels
+  assert len({g[0, :, 0].tobytes() for g in groups}) > 1  # groups differ (P(all equal) ~ 1e-10)
+  single = np.asarray(drop_path(x, 0.5, jax.random.PRNGKey(0), (1, 5, 1)))
+  assert (single == single[:1, :, :1]).all()  # one group: one mask for the whole batch

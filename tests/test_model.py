@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from conftest import GOLDEN, golden_case, rel_err, torch_input_to_jax
-from uniformerv2_jax import (CheckpointMismatchError, from_torch_state_dict,
+from uniformerv2_jax import (CheckpointMismatchError, UniFormerV2, from_torch_state_dict,
                              model_config)
 from uniformerv2_jax.torch_layout import canonical_state_dict, torch_shapes
 from uniformerv2_jax.weights import (abstract_model, count_params, flatten, model_from_tree,
@@ -231,3 +231,18 @@ def test_depthwise_conv_implementations_agree(x64):
   assert rel_err(depthwise_conv3d(x, k, "shift"), depthwise_conv3d(x, k, "conv")) < 1e-13
   for g_shift, g_conv in zip(jax.grad(loss("shift"), (0, 1))(x, k), jax.grad(loss("conv"), (0, 1))(x, k)):
     assert rel_err(g_shift, g_conv) < 1e-13
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5])
+def test_temporal_kernel_pads_as_upstream_conv3d(kernel_size):
+  """Conv3d(kernel (k, p, p), stride (2, p, p), padding ((k - 1) // 2, 0, 0)) as upstream: the
+  number of token frames torch's own Conv3d gives, for odd and even kernels."""
+  cfg = model_config(None, input_resolution=32, patch_size=16, width=32, layers=1, heads=2,
+                     return_list=(0,), n_head=2, t_size=8, temporal_downsample=True,
+                     kernel_size=kernel_size)
+  conv = torch.nn.Conv3d(3, 4, (kernel_size, 16, 16), (2, 16, 16), ((kernel_size - 1) // 2, 0, 0))
+  want = conv(torch.zeros(1, 3, 8, 32, 32)).shape[2]
+  model = UniFormerV2(cfg, rngs=nnx.Rngs(0))
+  tokens = model.backbone.embed(jnp.zeros((1, 8, 32, 32, 3)))
+  assert tokens.shape[0] == want == cfg.frames
+  assert model(jnp.zeros((1, 8, 32, 32, 3))).shape == (1, cfg.num_classes)

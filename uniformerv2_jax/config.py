@@ -59,6 +59,13 @@ class ModelConfig:
   cls_dropout: float = 0.5
   num_classes: int = 400
   frozen: bool = False
+  # Training semantics (not a constructor argument upstream): clips per upstream GPU. The
+  # upstream trained with DDP, so each GPU drew its own DropPath masks (timm's DropPath on
+  # sequence-first tensors: one per token position, or one per batch in the global blocks)
+  # and took its own BatchNorm statistics; with replica_batch > 0 each consecutive group of
+  # that many clips does the same (running statistics: the mean over groups). 0: the whole
+  # (global) batch is one group, like SyncBatchNorm. The (micro-)batch must divide by it.
+  replica_batch: int = 0
   # Speed and scale (not in the upstream).
   dtype: str = "float32"        # computation dtype; norms and softmax stay >= float32
   param_dtype: str = "float32"  # storage dtype of parameters
@@ -107,6 +114,8 @@ class ModelConfig:
     if self.frames < 1 or (self.temporal_downsample and self.t_size % 2):
       problems.append(f"t_size={self.t_size} must be >= 1 (and even with temporal_downsample, "
                       "which halves it)")
+    if self.replica_batch < 0:
+      problems.append(f"replica_batch={self.replica_batch} must be >= 0 (0: whole batch)")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                           ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:

@@ -132,17 +132,32 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(scaled.astype(ct)).astype(x.dtype)
 
 
-def drop_path(x, rate, key, mask_shape):
+def drop_path(x, rate, key, mask_shape, groups: int = 1):
   """timm DropPath (scaled by 1/keep): one Bernoulli per element of `mask_shape`.
 
   `rate` may be a traced scalar (per-layer rates under scan). `mask_shape` is
   broadcast against x; the caller chooses it to match the upstream's semantics.
+  `groups` > 1 splits x's leading axis into that many consecutive groups, each with its
+  own mask (the upstream drew one per GPU); `mask_shape` then has 1 on that axis.
   """
   if key is None or (isinstance(rate, (int, float)) and rate == 0):
     return x
   keep = 1.0 - rate
+  if groups > 1:
+    grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+    return drop_path(grouped, rate, key, (groups, *mask_shape)).reshape(x.shape)
   mask = jax.random.bernoulli(key, keep, mask_shape)
   return jnp.where(mask, x / jnp.maximum(keep, 1e-12).astype(x.dtype), jnp.zeros_like(x))
+
+
+def replica_groups(batch: int, replica_batch: int) -> int:
+  """How many upstream GPU replicas `batch` clips make (ModelConfig.replica_batch; 0: one)."""
+  if not replica_batch:
+    return 1
+  if batch % replica_batch:
+    raise ValueError(f"replica_batch={replica_batch} does not divide the batch of {batch} "
+                     "clips; use a divisor of the (micro-)batch, or 0 for one group")
+  return batch // replica_batch
 
 
 def dropout(x, rate: float, key):

@@ -26,7 +26,7 @@ from flax import nnx
 from uniformerv2_jax.config import ModelConfig
 from uniformerv2_jax.layers import (Dense, LayerNorm, attention, attention_impl, depthwise_conv3d,
                                     drop_path, dropout, param, precision, quick_gelu,
-                                    token_padding, uniform, xavier_bound)
+                                    replica_groups, token_padding, uniform, xavier_bound)
 
 
 def _dtypes(cfg: ModelConfig):
@@ -43,36 +43,45 @@ class BatchNorm(nnx.Module):
   Train mode normalises with the biased batch variance and folds the UNBIASED one
   into `var`, as PyTorch does. With `axis_name`, batch statistics are averaged over
   that mapped axis (pmap/shard_map); under jit with sharded arrays they are global
-  already.
+  already. `replica_batch` > 0: each group of that many clips (the leading axis) takes its
+  own statistics, as each GPU under the upstream's DDP; the running statistics move by
+  their mean over the groups.
   """
 
-  def __init__(self, dim, *, param_dtype, dtype, axis_name=None):
+  def __init__(self, dim, *, param_dtype, dtype, axis_name=None, replica_batch: int = 0):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
     self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("embed",))
     self.mean = nnx.BatchStat(jnp.zeros((dim,), param_dtype), logical_axes=("embed",))
     self.var = nnx.BatchStat(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
-    self.dtype, self.axis_name = dtype, axis_name
+    self.dtype, self.axis_name, self.replica_batch = dtype, axis_name, replica_batch
 
   def __call__(self, x, train: bool):
     ct = jnp.promote_types(x.dtype, jnp.float32)
     x32 = x.astype(ct)
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      mean, mean_sq = x32.mean(axes), jnp.square(x32).mean(axes)
-      count = math.prod(x.shape[:-1])
-      if self.axis_name is not None:
-        mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
-        count *= jax.lax.psum(1, self.axis_name)
-      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-      unbiased = var * (count / max(count - 1, 1))
-      sd = self.mean[...].dtype
-      self.mean[...] = (0.9 * self.mean[...] + 0.1 * mean.astype(sd)).astype(sd)
-      self.var[...] = (0.9 * self.var[...] + 0.1 * unbiased.astype(sd)).astype(sd)
-    else:
+    if not train:
       mean, var = self.mean[...].astype(ct), self.var[...].astype(ct)
-    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
+      y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
+      return (y * self.scale[...].astype(ct) + self.bias[...].astype(ct)).astype(self.dtype)
+    groups = replica_groups(x.shape[0], self.replica_batch)
+    xg = x32.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = xg.mean(axes, keepdims=True)
+    if self.axis_name is not None:
+      mean = jax.lax.pmean(mean, self.axis_name)
+    # two passes, as PyTorch: E[x^2] - E[x]^2 loses float32 digits when |mean| >> std
+    var = jnp.square(xg - mean).mean(axes, keepdims=True)
+    count = math.prod(xg.shape[1:-1])
+    if self.axis_name is not None:
+      var = jax.lax.pmean(var, self.axis_name)
+      count *= jax.lax.psum(1, self.axis_name)
+    unbiased = var * (count / max(count - 1, 1))
+    sd = self.mean[...].dtype
+    batch_mean, batch_var = (v.reshape(groups, -1).mean(0).astype(sd) for v in (mean, unbiased))
+    self.mean[...] = (0.9 * self.mean[...] + 0.1 * batch_mean).astype(sd)
+    self.var[...] = (0.9 * self.var[...] + 0.1 * batch_var).astype(sd)
+    y = (xg - mean) * jax.lax.rsqrt(var + 1e-5)
     y = y * self.scale[...].astype(ct) + self.bias[...].astype(ct)
-    return y.astype(self.dtype)
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class LocalMHRA(nnx.Module):
@@ -80,7 +89,7 @@ class LocalMHRA(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs):
     c, r, dt = cfg.width, cfg.lmhra_width, _dtypes(cfg)
-    self.bn = BatchNorm(c, **dt)
+    self.bn = BatchNorm(c, **dt, replica_batch=cfg.replica_batch)
     self.down = Dense(c, r, rngs=rngs, axes=("embed", None), kernel_init="torch",
                       bias_init="torch", **dt)
     bound = 1.0 / math.sqrt(3)  # torch default for a depthwise (3,1,1) kernel
@@ -148,6 +157,8 @@ class Block(nnx.Module):
     b, s, c = x.shape
     k1, k2, k3, k4 = _split(key, 4)
     token_mask = (1, s, 1)  # upstream DropPath on (L, NT, C): one draw per token position
+    # ... per upstream GPU (only drawn in training)
+    groups = replica_groups(n, self.cfg.replica_batch) if train and key is not None else 1
     if self.lmhra1 is not None:
       x = self._lmhra(self.lmhra1, x, n, k1, rate, train)
     # Training pads the tokens once, in the LayerNorm's output, for attention kernels
@@ -159,10 +170,10 @@ class Block(nnx.Module):
     q, k, v = self._qkv(h)
     a = attention(q, k, v, impl, valid_len=s)
     a = self.out(a.reshape(b, s + pad, c))[:, :s]
-    x = x + drop_path(a, rate, k2, token_mask)
+    x = x + drop_path(a, rate, k2, token_mask, groups)
     if self.lmhra2 is not None:
       x = self._lmhra(self.lmhra2, x, n, k3, rate, train)
-    return x + drop_path(self.mlp(self.ln_2(x)), rate, k4, token_mask)
+    return x + drop_path(self.mlp(self.ln_2(x)), rate, k4, token_mask, groups)
 
 
 class GlobalBlock(nnx.Module):
@@ -170,7 +181,7 @@ class GlobalBlock(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, mlp_rate: float, *, rngs):
     c, dt = cfg.width, _dtypes(cfg)
-    self.heads = cfg.n_head
+    self.heads, self.replica_batch = cfg.n_head, cfg.replica_batch
     self.ln_1, self.ln_2, self.ln_3 = (LayerNorm(c, **dt) for _ in range(3))
     xavier = uniform(xavier_bound(c, 3 * c))  # xavier on the fused (3C, C) in_proj
     self.q = Dense(c, c, rngs=rngs, axes=("embed", "heads"), kernel_init=xavier, **dt)
@@ -191,8 +202,9 @@ class GlobalBlock(nnx.Module):
     q = self.q(self.ln_1(cls)).reshape(n, 1, self.heads, hd)
     kv = self.kv(self.ln_3(y)).reshape(n, m, 2, self.heads, hd)
     a = attention(q, kv[:, :, 0], kv[:, :, 1], "xla")
-    cls = cls + drop_path(self.out(a.reshape(n, 1, c)), rate, k1, (1, 1, 1))
-    return cls + drop_path(self.mlp(self.ln_2(cls), k2), rate, k3, (1, 1, 1))
+    groups = replica_groups(n, self.replica_batch) if key is not None else 1  # one per GPU
+    cls = cls + drop_path(self.out(a.reshape(n, 1, c)), rate, k1, (1, 1, 1), groups)
+    return cls + drop_path(self.mlp(self.ln_2(cls), k2), rate, k3, (1, 1, 1), groups)
 
 
 class DepthwiseConv3d(nnx.Module):
@@ -227,7 +239,9 @@ class GlobalAggregator(nnx.Module):
     cfg = self.cfg
     rates = [cfg.drop_path_rate * j / max(cfg.n_layers - 1, 1) for j in range(cfg.n_layers)]
     keys = _split(key, cfg.n_layers)
-    cls = jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (n, 1, cfg.width))
+    # The class-token stream stays in the parameters' precision (float32), as under the
+    # upstream's autocast: the blocks' bf16 outputs are added to a float32 token.
+    cls = jnp.broadcast_to(self.cls_token[...], (n, 1, cfg.width))
     for j, x in enumerate(layer_tokens):
       b, s, c = x.shape
       t = b // n
@@ -304,31 +318,13 @@ class Backbone(nnx.Module):
     y = jax.lax.conv_general_dilated(
         x.astype(dtype), self.patch_embed[...].astype(dtype),
         window_strides=(2 if cfg.temporal_downsample else 1, p, p),
-        padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+        padding=(((kt - 1) // 2,) * 2, (0, 0), (0, 0)),  # upstream: (kernel_size - 1) // 2
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     n, t, h, w, c = y.shape
     y = y.reshape(n * t, h * w, c)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (n * t, 1, c))
     y = jnp.concatenate([cls, y], axis=1) + self.pos_embedding[...].astype(dtype)
     return self.ln_pre(y)
-
-  def _patchify(self, x):
-    """Conv3d (kt, p, p), stride (st, p, p), temporal padding kt//2, as one matmul.
-
-    (N, T, H, W, 3) -> (N, T', H/p * W/p, C); output frame t reads padded input
-    frames t*st .. t*st + kt - 1.
-    """
-    cfg = self.cfg
-    kernel = self.patch_embed[...].astype(x.dtype)
-    kt, p, _, _, c = kernel.shape
-    st = 2 if cfg.temporal_downsample else 1
-    n, t, h, w, _ = x.shape
-    x = jnp.pad(x, ((0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)))
-    t_out = (t + 2 * (kt // 2) - kt) // st + 1
-    taps = [x[:, j: j + st * (t_out - 1) + 1: st] for j in range(kt)]  # each (N, T', H, W, 3)
-    x = jnp.stack(taps, axis=2).reshape(n, t_out, kt, h // p, p, w // p, p, 3)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, t_out, (h // p) * (w // p), kt * p * p * 3)
-    return jnp.dot(x, kernel.reshape(kt * p * p * 3, c), precision=precision(x.dtype))
 
   def run_blocks(self, x, n: int, key=None, train: bool = False):
     """Runs every block; returns (last output, [outputs of return_list layers])."""

@@ -120,7 +120,7 @@ def _input_hint(config, share: float) -> str:
 
 
 # Model config fields a resumed run may change: they leave the saved arrays' shapes alone.
-RESUMABLE_CHANGES = ("dtype", "remat", "attention", "backbone_drop_path_rate",
+RESUMABLE_CHANGES = ("dtype", "remat", "attention", "backbone_drop_path_rate", "replica_batch",
                      "drop_path_rate", "mlp_dropout", "cls_dropout")
 
 
