@@ -82,6 +82,16 @@ def test_hosts_read_disjoint_parts_of_each_epoch(indexed, hosts):
         assert len(videos) == len(set(videos)) == hosts * per_epoch
 
 
+def test_hosts_draw_their_own_augmentation():
+  """The stream position seeds a clip's frame offsets, crop, flip and RandAugment: hosts must
+  not share positions (they did: every global batch repeated each draw once per host), and one
+  host's positions are unchanged (0, 1, 2, ...)."""
+  from uniformerv2_jax.data.pipeline import _train_indices
+  positions = [[int(p) for p, _ in _train_indices(12, 3, host, 3, 0).take(8)] for host in range(3)]
+  assert len({p for host in positions for p in host}) == 24
+  assert [int(p) for p, _ in _train_indices(12, 3, 0, 1, 0).take(20)] == list(range(20))
+
+
 def test_deterministic_for_a_seed(indexed):
     a, b, c = (take(train(indexed, seed=s), 4) for s in (3, 3, 4))
     for x, y in zip(a, b):

@@ -59,7 +59,8 @@ def steps_per_epoch(num_videos: int, per_host_batch: int, num_samples: int = 1,
 
 
 def _train_indices(size, seed, process_index, process_count, start_video):
-    """(stream position, split index) from ``start_video`` on; infinite."""
+    """(stream position, split index) from ``start_video`` on; infinite. The position, which
+    seeds every random draw of that clip, counts over all hosts: no two hosts share one."""
     per_epoch = size // process_count
     if per_epoch == 0:
         raise ValueError(f"the split has {size} videos, fewer than the {process_count} hosts")
@@ -69,7 +70,7 @@ def _train_indices(size, seed, process_index, process_count, start_video):
         perm = tf.random.experimental.stateless_shuffle(
             tf.range(size, dtype=tf.int64), tf.stack([tf.cast(seed, tf.int64), e]))
         mine = perm[process_index::process_count][:per_epoch]
-        pos = e * per_epoch + tf.range(per_epoch, dtype=tf.int64)
+        pos = (e * per_epoch + tf.range(per_epoch, dtype=tf.int64)) * process_count + process_index
         return tf.data.Dataset.from_tensor_slices((pos, mine))
 
     return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
