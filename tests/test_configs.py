@@ -107,6 +107,18 @@ def test_bad_configs_fail_with_one_message(mutate, message):
     check(c, n_devices=8)
 
 
+def test_model_axis_across_hosts_and_replica_batch_are_checked():
+  c = tiny()
+  c.mesh.update(data=1, fsdp=1, model=8)
+  with pytest.raises(ConfigError, match="mesh.model=8: the model axis must lie within one host"):
+    check(c, n_devices=8, n_processes=2)
+  c = tiny()
+  with c.unlocked():
+    c.model.replica_batch = 3
+  with pytest.raises(ConfigError, match="replica_batch=3 does not divide the 32 clips of a step"):
+    check(c, n_devices=8)
+
+
 def test_init_checkpoint_of_another_model(tmp_path):
   from flax import nnx
   from uniformerv2_jax import checkpoint

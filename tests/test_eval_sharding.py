@@ -1,5 +1,6 @@
 """Padding and sharding: 5 videos x 3 views on 1 device, on 8 simulated devices and on 2
-processes x 4 devices (gloo collectives) give the same per-video scores, each view once."""
+processes x 4 devices (gloo collectives; also with the hosts' devices interleaved along the
+mesh, as a TPU torus lays them out) give the same per-video scores, each view once."""
 
 import os
 import pathlib
@@ -15,7 +16,7 @@ SCRIPT = r'''
 import sys
 import jax
 mode, out = sys.argv[1], sys.argv[2]
-if mode == "multi":
+if mode.startswith("multi"):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=sys.argv[3], num_processes=2,
                              process_id=int(sys.argv[4]))
@@ -32,7 +33,12 @@ videos = np.random.default_rng(0).integers(0, 256, (5, 3, 2, 16, 16, 3), dtype=n
 per_host = 2 if jax.device_count() == 1 else jax.local_device_count()  # 15 rows: padding
 batches = array_batches(videos, [4, 1, 2, 3, 4], per_host, video_ids=[10, 11, 12, 13, 14],
                         process_index=jax.process_index(), process_count=jax.process_count())
-evaluator = Evaluator(model, make_mesh({"data": -1, "fsdp": 1, "model": 1}))
+mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
+if mode == "multi_interleaved":  # hosts' devices alternate along the mesh, as on a TPU torus
+  from jax.sharding import Mesh
+  order = sorted(jax.devices(), key=lambda d: (d.id % jax.local_device_count(), d.process_index))
+  mesh = Mesh(np.array(order).reshape(-1, 1, 1), mesh.axis_names)
+evaluator = Evaluator(model, mesh)
 res = evaluate(evaluator, batches, num_views=3, per_host_batch=per_host, log_every=0)
 np.savez(out, ids=res.video_ids, labels=res.labels, scores=res.scores,
          devices=jax.device_count(), processes=jax.process_count())
@@ -69,11 +75,14 @@ def test_same_scores_on_1_device_8_devices_and_2_hosts(tmp_path):
            _run(tmp_path, "host0", "multi", 4, (addr, "0")),
            _run(tmp_path, "host1", "multi", 4, (addr, "1"))]
   one, eight, host0, host1 = _wait(procs)
+  addr = f"localhost:{_free_port()}"
+  inter = _wait([_run(tmp_path, f"inter{i}", "multi_interleaved", 4, (addr, str(i)))
+                 for i in range(2)])
   assert int(eight["devices"]) == 8 and int(host0["processes"]) == 2
   np.testing.assert_array_equal(one["ids"], [10, 11, 12, 13, 14])
   np.testing.assert_array_equal(one["labels"], [4, 1, 2, 3, 4])
   np.testing.assert_allclose(one["scores"].sum(-1), 1.0, rtol=1e-5)
-  for other in (eight, host0, host1):
+  for other in (eight, host0, host1, *inter):
     np.testing.assert_array_equal(other["ids"], one["ids"])
     np.testing.assert_array_equal(other["labels"], one["labels"])
     np.testing.assert_allclose(other["scores"], one["scores"], rtol=1e-5, atol=1e-7)

@@ -51,7 +51,26 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
     grid = mesh_utils.create_device_mesh(sizes, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(grid, MESH_AXES)
+  return Mesh(model_axis_within_hosts(grid, devices), MESH_AXES)
+
+
+def model_axis_within_hosts(grid: np.ndarray, devices: Sequence) -> np.ndarray:
+  """``grid`` if every batch shard's devices (a row along the last, ``model``, axis) belong to
+  one host, else the devices in host-major order (a batch shard is fed by one host: spread
+  over several, each would feed its own rows and the replicas would silently diverge)."""
+  def within(g):
+    rows = g.reshape(-1, g.shape[-1])
+    return all(len({d.process_index for d in row}) == 1 for row in rows)
+
+  if within(grid):
+    return grid
+  ordered = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)),
+                       dtype=object).reshape(grid.shape)
+  if within(ordered):
+    return ordered
+  per_host = len(devices) // len({d.process_index for d in devices})
+  raise ValueError(f"mesh model={grid.shape[-1]}: the model axis must lie within one host "
+                   f"(each host has {per_host} devices); use a model size that divides it")
 
 
 def spec_for(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from uniformerv2_jax import storage
 from uniformerv2_jax.evaluation.metrics import EvalResult, ViewAccumulator, top_classes
@@ -87,10 +87,16 @@ class Evaluator:
     if len(video) % self.batch_divisor:
       raise ValueError(f"per-host batch {len(video)} is not a multiple of {self.batch_divisor} "
                        "(this host's data x fsdp devices); pad it with masked rows")
-    spec = P(BATCH_AXES)
-    x = multihost_utils.host_local_array_to_global_array(video, self.mesh, spec)
-    probs = self._step(self.state, x)
-    return np.asarray(multihost_utils.global_array_to_host_local_array(probs, self.mesh, spec))
+    x = jax.make_array_from_process_local_data(self._video_sharding, video)
+    return host_rows(self._step(self.state, x))
+
+
+def host_rows(array: jax.Array) -> np.ndarray:
+  """This host's rows of a batch-sharded global array, in the order
+  ``make_array_from_process_local_data`` took them from the host (by global row; on a TPU
+  torus a host's devices need not be one contiguous block of the mesh)."""
+  shards = {s.index[0].start or 0: s for s in array.addressable_shards}
+  return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

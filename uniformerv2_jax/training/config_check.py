@@ -112,7 +112,15 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
                     f"config.model.num_classes={cfg.num_classes}")
   batch_devices, mesh_problems = _mesh_size(config, n_devices)
   problems += mesh_problems
+  model_axis, per_host = int(config.mesh.get("model", 1)), n_devices // max(n_processes, 1)
+  if n_processes > 1 and model_axis > 1 and per_host % model_axis:
+    problems.append(f"config.mesh.model={model_axis}: the model axis must lie within one host "
+                    f"(a batch shard is fed by one host); use a divisor of its {per_host} devices")
   accum = int(tc.grad_accum_steps)
+  if cfg.replica_batch and accum >= 1 and (tc.global_batch_size // accum) % cfg.replica_batch:
+    problems.append(f"config.model.replica_batch={cfg.replica_batch} does not divide the "
+                    f"{tc.global_batch_size // accum} clips of a step (global_batch_size / "
+                    "grad_accum_steps); use a divisor, or 0 for one group")
   if accum < 1:
     problems.append(f"config.train.grad_accum_steps={accum} must be >= 1")
   elif batch_devices:
