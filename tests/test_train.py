@@ -88,16 +88,32 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert str(summary["steps"]) in os.listdir(tmp_path / "checkpoints")
 
 
-def test_train_step_with_on_device_randaugment(tmp_path):
-  """randaugment_on="crops": uint8 clips, RandAugment + normalisation in the step."""
+def test_train_step_with_on_device_randaugment(tmp_path, monkeypatch):
+  """randaugment_on="crops": uint8 clips, RandAugment (the config's m and n) + normalisation in
+  the step; without RandAugment the step has none."""
   sys.path.insert(0, os.path.dirname(HELPER))
   from train_helper import tiny_config
+  from uniformerv2_jax.training import step
   from uniformerv2_jax.training.loop import train_and_evaluate
-  config = tiny_config({"input.randaugment": True, "input.randaugment_on": "crops",
-                        "train.steps_per_epoch": 2,
-                        "train.checkpoint_every_steps": 100})
-  summary = train_and_evaluate(config, str(tmp_path))
-  assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+  calls, data_fns = [], step._data_fns
+
+  def spying():
+    normalize, randaugment = data_fns()
+    def spy(key, videos, **kw):
+      calls.append((videos.dtype, kw))
+      return randaugment(key, videos, **kw)
+    return normalize, spy
+
+  monkeypatch.setattr(step, "_data_fns", spying)
+  for on in (True, False):
+    config = tiny_config({"input.randaugment": on, "input.randaugment_on": "crops",
+                          "input.magnitude": 9, "input.num_layers": 2,
+                          "train.steps_per_epoch": 2, "train.checkpoint_every_steps": 100})
+    summary = train_and_evaluate(config, str(tmp_path / str(on)))
+    assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+    # traced once into the jitted step, on the uint8 crops, with the config's policy
+    assert calls == ([(np.dtype(np.uint8), dict(magnitude=9, num_layers=2))] if on else []), calls
+    calls.clear()
 
 
 def test_recipe_input_path_end_to_end(tmp_path):
