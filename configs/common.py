@@ -1,6 +1,6 @@
 """Base training config (the shared schema) and `recipe()`, the helper every recipe file uses.
 
-Defaults are the upstream's effective values (shared/recipes.md, "Optimisation (all recipes)").
+Defaults are the upstream's effective values (docs/recipes.md, "Optimisation (all recipes)").
 Where a default here differs from mmaction2's configs, the comment says so.
 """
 
@@ -111,7 +111,7 @@ def recipe(*, model, dataset, num_classes, clip_len, crop_size, batch, lr, warmu
   return c
 
 
-# Something-Something V2 model settings (shared/recipes.md, "Model settings per family").
+# Something-Something V2 model settings (docs/recipes.md, "Model settings per family").
 # replica_batch: DropPath masks and BatchNorm statistics per 32 clips, the upstream's per-GPU
 # batch (256 clips over the NUM_GPUS: 8 of its exp/*/config.yaml; the SSv2 run scripts are not
 # in docs/recipes.md, so the GPU count is an assumption); 0 would share them over the batch.

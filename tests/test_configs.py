@@ -1,4 +1,4 @@
-"""Recipe configs against shared/recipes.md, and bad configs failing before compilation."""
+"""Recipe configs against docs/recipes.md, and bad configs failing before compilation."""
 
 import glob
 import os
@@ -32,7 +32,7 @@ def test_every_recipe_builds_a_model_config(name):
     assert bool(c.head_map) != bool(c.init_new_head), (c.head_map, c.init_new_head)
 
 
-# (batch, base lr, warm-up, epochs, views) from the recipes table of shared/recipes.md
+# (batch, base lr, warm-up, epochs, views) from the recipes table of docs/recipes.md
 TABLE = {
     "k710_b16": (256, 1e-5, 5, 55, (4, 3)), "k710_l14": (512, 1e-5, 5, 40, (4, 3)),
     "k710_l14_336": (256, 5e-6, 5, 40, (4, 3)), "k400_b16": (256, 2e-6, 1, 5, (4, 3)),

@@ -17,7 +17,7 @@ import numpy as np
 
 # Backbone sizes of the CLIP towers the paper builds on. Everything else defaults
 # to the Kinetics recipe (no Local MHRA, no temporal downsampling, global blocks
-# on the last four layers; shared/recipes.md "Model settings per family").
+# on the last four layers; docs/recipes.md "Model settings per family").
 PRESETS: dict[str, dict[str, Any]] = {
     "b16": dict(input_resolution=224, patch_size=16, width=768, layers=12, heads=12,
                 return_list=(8, 9, 10, 11), n_head=12),

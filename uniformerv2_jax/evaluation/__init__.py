@@ -1,4 +1,4 @@
-"""Multi-view evaluation (shared/recipes.md, "Test-time spatial views").
+"""Multi-view evaluation (docs/recipes.md, "Test-time spatial views").
 
 Every video is seen as ``num_clips x num_crops`` views; the per-video score is the mean over
 views of the softmax probabilities; metrics are top-1, top-5 and mean class accuracy.
