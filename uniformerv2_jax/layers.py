@@ -146,7 +146,9 @@ def drop_path(x, rate, key, mask_shape, groups: int = 1):
   if groups > 1:
     grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
     return drop_path(grouped, rate, key, (groups, *mask_shape)).reshape(x.shape)
-  mask = jax.random.bernoulli(key, keep, mask_shape)
+  # float32 p: the same draws whether the rate is a Python float (loop) or a traced float32
+  # (scan), also under jax_enable_x64
+  mask = jax.random.bernoulli(key, jnp.asarray(keep, jnp.float32), mask_shape)
   return jnp.where(mask, x / jnp.maximum(keep, 1e-12).astype(x.dtype), jnp.zeros_like(x))
 
 
