@@ -68,6 +68,25 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def set_aside(self, steps, destination: str) -> str:
+    """Moves ``steps`` out of the checkpoint directory (into ``destination``), so that a rerun
+    resumes from an earlier step; returns a sentence saying what was done (or what to do)."""
+    steps = sorted(steps)
+    if not steps:
+      return ""
+    if storage.is_url(self.directory):
+      return (f" Steps {steps} were saved after the last finite loss and may hold the diverging "
+              f"weights: move them out of {self.directory} before rerunning.")
+    if jax.process_index() == 0:
+      os.makedirs(destination, exist_ok=True)
+      for step in steps:
+        target, n = os.path.join(destination, str(step)), 1
+        while os.path.exists(target):  # an earlier divergence set this step aside too
+          target, n = os.path.join(destination, f"{step}-{n}"), n + 1
+        os.rename(os.path.join(self.directory, str(step)), target)
+    return (f" Steps {steps}, saved after the last finite loss, may hold the diverging weights: "
+            f"moved to {destination}.")
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

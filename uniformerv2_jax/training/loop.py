@@ -136,11 +136,19 @@ def _check_same_model(directory: str, step: int, cfg) -> None:
         "config.init_from pointing at this run to start from its weights)")
 
 
-def _last_good(step, directory) -> str:
-  if step is None:
-    return "No checkpoint was saved yet."
-  return (f"The last good checkpoint is step {step} in {directory} (nothing later was saved); "
-          "a rerun resumes from it.")
+def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
+  """The error for a non-finite loss at `step`. The loss of step s comes from the weights
+  before its update (those saved at s - 1): a finite one vouches for the checkpoints saved
+  before s, and the ones saved since the last finite loss are set aside."""
+  on_disk = ckpt.manager.all_steps()
+  good = max((c for c in on_disk if vouched is not None and c <= vouched), default=None)
+  aside = ckpt.set_aside([c for c in on_disk if good is None or c > good],
+                         os.path.join(workdir, "diverged"))
+  where = (f"The last good checkpoint is step {good} in {ckpt.directory}; a rerun resumes from "
+           "it." if good is not None else "No checkpoint is known good; a rerun starts afresh.")
+  return TrainingDiverged(
+      f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {step}; "
+      f"stopped. {where}{aside} Lower train.base_lr or check the data, then rerun.")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -200,7 +208,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = data_io.train_batches(config, builder, per_host, start)
   peak = peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
-  last_good, metrics, preempted = latest, None, False
+  # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss
+  vouched, saved_since, metrics, preempted = latest, [], None, False
   tick, tick_step = time.time(), start
   waited, waited_at_tick, hinted = 0.0, 0.0, False  # seconds blocked on the input pipeline
   step = start
@@ -225,10 +234,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       m = jax.device_get(metrics)
       if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
         ckpt.wait()
-        raise TrainingDiverged(
-            f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {step}; "
-            f"stopped. {_last_good(last_good, ckpt.directory)} Lower train.base_lr or check "
-            "the data, then rerun.")
+        raise _diverged(m, step, vouched, ckpt, workdir)
+      vouched, saved_since = (saved_since[-1] if saved_since else vouched), []
       line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
               f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
       scalars = {"train/" + k: v for k, v in m.items()}
@@ -264,7 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
                   best_step=best_step)
       ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
-      last_good = step
+      saved_since.append(step)
     tick += time.time() - paused
     if preempted:
       log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")

@@ -42,7 +42,7 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
     logits = model(videos, train=True, key=key)
     loss = cross_entropy(logits, labels).mean()
     new_stats = _pure(model)[1]
-    correct = (jnp.argmax(logits, -1) == labels).sum()
+    correct = (jnp.argmax(logits, -1) == labels).sum(dtype=jnp.int32)
     return loss, (new_stats, correct)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
