@@ -195,8 +195,8 @@ DIVERGE = {**ACCUM, "train.steps_per_epoch": 8, "train.warmup_epochs": 0.25,
 MESSAGE = (r"Loss became (?P<loss>\S+) \(grad norm \S+\) at step (?P<bad>\d+); stopped\. The last "
            r"good checkpoint is step (?P<good>\d+) in (?P<dir>\S+); a rerun resumes from it\. "
            r"Steps \[(?P<aside>[\d, ]+)\], saved after the last finite loss, may hold the "
-           r"diverging weights: moved to (?P<to>\S+)\. Lower train\.base_lr or check the data, "
-           r"then rerun\.")
+           r"diverging weights: moved to (?P<to>\S+) \(move one back to resume from it\)\. "
+           r"Lower train\.base_lr or check the data, then rerun\.")
 
 
 class _NoTensorBoard:
@@ -248,6 +248,31 @@ def test_nonfinite_loss_stops_before_saving(diverged):
   for name in ("params", "opt_state"):
     for path, leaf in jax.tree_util.tree_flatten_with_path(state[name])[0]:
       assert np.isfinite(np.asarray(leaf)).all(), (name, jax.tree_util.keystr(path))
+
+
+def test_a_resumed_checkpoint_is_not_vouched_for_before_its_loss(tmp_path):
+  """A run preempted right after saving step 2 never computed a loss from step 2's weights: when
+  the rerun's first loss (step 3's) is NaN, step 2 is set aside and step 1 named, as in an
+  uninterrupted run."""
+  from uniformerv2_jax.training import loop
+
+  class PreemptedAfterStep2:
+    def reached(self, step):
+      return step == 2
+
+  config = tiny_config(DIVERGE)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop, "Writer", _NoTensorBoard)
+    patch.setattr(loop, "PreemptionWatcher", PreemptedAfterStep2)
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert summary["preempted"] and _saved_steps(tmp_path) == [1, 2]
+  with pytest.MonkeyPatch.context() as patch, pytest.raises(loop.TrainingDiverged) as info:
+    patch.setattr(loop, "Writer", _NoTensorBoard)
+    loop.train_and_evaluate(config, str(tmp_path))
+  m = re.fullmatch(MESSAGE, str(info.value))
+  assert m, str(info.value)
+  assert (int(m["bad"]), int(m["good"]), m["aside"]) == (3, 1, "2")
+  assert _saved_steps(tmp_path) == [1] and os.listdir(tmp_path / "diverged") == ["2"]
 
 
 def test_last_good_checkpoint_resumes_with_a_finite_loss(diverged):

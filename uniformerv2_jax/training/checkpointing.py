@@ -68,15 +68,17 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
-  def set_aside(self, steps, destination: str) -> str:
+  def set_aside(self, steps, destination: str) -> tuple[bool, str]:
     """Moves ``steps`` out of the checkpoint directory (into ``destination``), so that a rerun
-    resumes from an earlier step; returns a sentence saying what was done (or what to do)."""
+    resumes from an earlier step: (moved?, a sentence saying what was done or what to do).
+    Local disks only; in a bucket the sentence asks the user to move them."""
     steps = sorted(steps)
     if not steps:
-      return ""
+      return False, ""
     if storage.is_url(self.directory):
-      return (f" Steps {steps} were saved after the last finite loss and may hold the diverging "
-              f"weights: move them out of {self.directory} before rerunning.")
+      return False, (f" Steps {steps} were saved after the last finite loss and may hold the "
+                     f"diverging weights: move them out of {self.directory} (e.g. to "
+                     f"{destination}) before rerunning.")
     if jax.process_index() == 0:
       os.makedirs(destination, exist_ok=True)
       for step in steps:
@@ -84,8 +86,8 @@ class Checkpointer:
         while os.path.exists(target):  # an earlier divergence set this step aside too
           target, n = os.path.join(destination, f"{step}-{n}"), n + 1
         os.rename(os.path.join(self.directory, str(step)), target)
-    return (f" Steps {steps}, saved after the last finite loss, may hold the diverging weights: "
-            f"moved to {destination}.")
+    return True, (f" Steps {steps}, saved after the last finite loss, may hold the diverging "
+                  f"weights: moved to {destination} (move one back to resume from it).")
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -142,10 +142,12 @@ def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
   before s, and the ones saved since the last finite loss are set aside."""
   on_disk = ckpt.manager.all_steps()
   good = max((c for c in on_disk if vouched is not None and c <= vouched), default=None)
-  aside = ckpt.set_aside([c for c in on_disk if good is None or c > good],
-                         os.path.join(workdir, "diverged"))
-  where = (f"The last good checkpoint is step {good} in {ckpt.directory}; a rerun resumes from "
-           "it." if good is not None else "No checkpoint is known good; a rerun starts afresh.")
+  later = [c for c in on_disk if good is None or c > good]
+  moved, aside = ckpt.set_aside(later, os.path.join(workdir, "diverged"))
+  resumes = ("a rerun resumes from it" if moved or not later
+             else "a rerun resumes from it once the later steps are moved")
+  where = (f"The last good checkpoint is step {good} in {ckpt.directory}; {resumes}."
+           if good is not None else "No checkpoint is known good; a rerun starts afresh.")
   return TrainingDiverged(
       f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {step}; "
       f"stopped. {where}{aside} Lower train.base_lr or check the data, then rerun.")
@@ -208,8 +210,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = data_io.train_batches(config, builder, per_host, start)
   peak = peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
-  # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss
-  vouched, saved_since, metrics, preempted = latest, [], None, False
+  # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss. The one
+  # resumed from gave none yet (its run may have stopped right after saving it); every earlier
+  # one did, in the run that saved the next.
+  vouched = max((c for c in ckpt.manager.all_steps() if latest is not None and c < latest),
+                default=None)
+  saved_since, metrics, preempted = ([] if latest is None else [latest]), None, False
   tick, tick_step = time.time(), start
   waited, waited_at_tick, hinted = 0.0, 0.0, False  # seconds blocked on the input pipeline
   step = start
