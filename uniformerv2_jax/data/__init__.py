@@ -15,6 +15,7 @@ _LAZY = {
     "train_dataset": "pipeline", "eval_dataset": "pipeline", "steps_per_epoch": "pipeline",
     "eval_batches": "pipeline", "load_builder": "pipeline",
     "VideoConfig": "builder", "VideoClassification": "builder", "build_dataset": "builder",
+    "skipped_videos": "builder",
     "prepare_synthetic_dataset": "synthetic", "write_synthetic_videos": "synthetic",
 }
 

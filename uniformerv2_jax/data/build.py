@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import sys
 
-from .builder import NAMED_CONFIGS, VideoConfig, build_dataset
+from .builder import NAMED_CONFIGS, VideoConfig, build_dataset, skipped_videos
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, info in builder.info.splits.items():
-        skipped = builder.info.metadata.get(f"skipped_{split}", 0)
+        skipped = skipped_videos(builder, split)
         print(f"{split}: {info.num_examples} videos in {info.num_shards} shards, {skipped} skipped")
     print(f"dataset: {builder.data_dir}")
     return 0

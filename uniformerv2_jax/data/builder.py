@@ -247,6 +247,12 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
               f"{len(skipped)} (listed in skipped-{split}.tsv beside the dataset)", file=sys.stderr)
 
 
+def skipped_videos(builder, split: str) -> int:
+    """How many of ``split``'s videos the build could not read (its skipped-SPLIT.tsv lists
+    them); ``builder``: this module's builder or one read back from its directory."""
+    return int((builder.info.metadata or {}).get(f"skipped_{split}", 0) or 0)
+
+
 class _FrameStore:
     """Sidecar ArrayRecord files ``frames-<split>.array_record-NNNNN``: one JPEG a record, in
     write order; a video's example keeps ``first_frame``, its index in this store. Training then

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from .. import storage
 from . import tf_augment, tf_ops
 from .reader import StoredVideos
-from .spatial import AREA_RANGE, RATIO_RANGE, SPATIAL_PROTOCOLS
+from .spatial import AREA_RANGE, RATIO_RANGE, check_protocol
 
 __all__ = ["load_builder", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_batches"]
 
@@ -175,9 +175,7 @@ def eval_dataset(data_dir_or_builder, split: str = "validation", *, clip_len: in
                  spatial: str = "mmaction2") -> tf.data.Dataset:
     """Finite eval batches: ``video`` uint8 (B, T, S, S, 3), ``label``, ``video_id`` (index in the
     split), ``view`` (clip_index * num_crops + crop_index), ``mask`` (1 real, 0 padding); int32."""
-    if num_crops not in (1, 3) or spatial not in SPATIAL_PROTOCOLS:
-        raise ValueError(f"num_crops={num_crops}, spatial={spatial!r}: use 1 or 3 crops and one "
-                         f"of {SPATIAL_PROTOCOLS}")
+    check_protocol(spatial, num_crops)
     builder = load_builder(data_dir_or_builder)
     videos = StoredVideos(builder, split)
     views, size = num_clips * num_crops, len(videos)

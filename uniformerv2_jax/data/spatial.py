@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["SPATIAL_PROTOCOLS", "resized_shape", "crop_offsets", "resize_bilinear",
+__all__ = ["SPATIAL_PROTOCOLS", "check_protocol", "resized_shape", "crop_offsets", "resize_bilinear",
            "eval_views", "rrc_box_from_draws", "random_resized_crop_box"]
 
 SPATIAL_PROTOCOLS = ("mmaction2", "original")
@@ -28,7 +28,8 @@ RATIO_RANGE = (3 / 4, 4 / 3)
 MAX_TRIES = 10
 
 
-def _check_protocol(spatial: str, num_crops: int) -> None:
+def check_protocol(spatial: str, num_crops: int) -> None:
+    """The test views a protocol can give (ValueError otherwise)."""
     if spatial not in SPATIAL_PROTOCOLS:
         raise ValueError(f"spatial={spatial!r}: use one of {SPATIAL_PROTOCOLS}")
     if num_crops not in (1, 3):
@@ -37,7 +38,7 @@ def _check_protocol(spatial: str, num_crops: int) -> None:
 
 def resized_shape(height: int, width: int, size: int, spatial: str = "mmaction2") -> tuple[int, int]:
     """(h, w) after resizing the short side to ``size`` under the given protocol."""
-    _check_protocol(spatial, 1)
+    check_protocol(spatial, 1)
     short, long_ = min(height, width), max(height, width)
     # The upstreams' float expressions, in their order of operations (they round differently
     # from long * size / short for some sizes, e.g. 320x325 at 224).
@@ -51,7 +52,7 @@ def resized_shape(height: int, width: int, size: int, spatial: str = "mmaction2"
 
 def crop_offsets(length: int, size: int, num_crops: int, spatial: str = "mmaction2") -> list[int]:
     """Crop offsets along an axis of ``length`` (>= size) pixels, in view order."""
-    _check_protocol(spatial, num_crops)
+    check_protocol(spatial, num_crops)
     free = length - size
     if free < 0:
         raise ValueError(f"crop of {size} pixels does not fit in {length}")
@@ -92,7 +93,7 @@ def eval_views(frames: np.ndarray, crop_size: int, num_crops: int = 3,
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"eval_views expects frames (T, H, W, 3), got shape {frames.shape}")
-    _check_protocol(spatial, num_crops)
+    check_protocol(spatial, num_crops)
     h, w = resized_shape(frames.shape[1], frames.shape[2], crop_size, spatial)
     frames = resize_bilinear(frames, h, w)
     views = []

@@ -34,10 +34,10 @@ def _get(cfg, key, default=None):
   return default if value is None else value
 
 
-def class_names_for(config, checkpoint: str, num_classes: int):
-  """Names for the evaluated head: the head map's or the checkpoint's, else config.dataset's."""
-  from uniformerv2_jax.checkpoint import head_class_names
-  names = head_class_names(checkpoint, _get(config.eval, "head_map"))
+def class_names_for(config, head_names, num_classes: int):
+  """Names for the evaluated head: its own (``checkpoint.head_class_names``), else
+  config.dataset's."""
+  names = head_names
   if names is None and _get(config.dataset, "class_names"):
     from uniformerv2_jax.data.annotations import load_class_names
     names = list(load_class_names(config.dataset.class_names))
@@ -73,16 +73,17 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
                data_classes: int | None = None):
   """(model with its head's rows in the dataset's class order, class names, reordered?)."""
   from uniformerv2_jax import heads
-  from uniformerv2_jax.checkpoint import load_pretrained, read_config
+  from uniformerv2_jax.checkpoint import head_class_names, load_pretrained, read_config
   overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
   overrides["t_size"] = int(config.input.clip_len)
   head_map = _get(config.eval, "head_map")
   rows = None if head_map is None else heads.load_index_map(head_map)
   num_classes = len(rows) if rows is not None else read_config(checkpoint).num_classes
-  names = class_names_for(config, checkpoint, num_classes)
+  head_names = head_class_names(checkpoint, head_map)
+  names = class_names_for(config, head_names, num_classes)
   order = None
   if _get(config.eval, "match_class_names", True):
-    if head_map is None and data_names is not None and _unnamed_head(checkpoint):
+    if head_map is None and data_names is not None and head_names is None:
       raise EvalConfigError(
           f"{checkpoint} does not name its head's classes (no class_names.txt), so evaluation "
           f"cannot check that head row i is the dataset's class i (the original repository's "
@@ -110,19 +111,13 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
   return model, names, order is not None
 
 
-def _unnamed_head(checkpoint: str) -> bool:
-  from uniformerv2_jax.checkpoint import head_class_names
-  return head_class_names(checkpoint) is None
-
-
 def check_protocol(ev) -> None:
   """The views a config asks for, before any model is loaded."""
-  from uniformerv2_jax.data.spatial import SPATIAL_PROTOCOLS
-  spatial = _get(ev, "spatial", "mmaction2")
-  if spatial not in SPATIAL_PROTOCOLS:
-    raise EvalConfigError(f"--config.eval.spatial={spatial!r}: use one of {SPATIAL_PROTOCOLS}")
-  if int(ev.num_crops) not in (1, 3):
-    raise EvalConfigError(f"--config.eval.num_crops={ev.num_crops}: use 1 (centre) or 3")
+  from uniformerv2_jax.data.spatial import check_protocol as check_views
+  try:
+    check_views(_get(ev, "spatial", "mmaction2"), int(ev.num_crops))
+  except ValueError as e:
+    raise EvalConfigError(f"--config.eval.{e}") from None
   if int(ev.num_clips) < 1 or int(ev.per_device_batch) < 1:
     raise EvalConfigError(f"--config.eval.num_clips={ev.num_clips}, per_device_batch="
                           f"{ev.per_device_batch}: each must be at least 1")
@@ -226,8 +221,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
                protocol=protocol, devices=jax.device_count(),
                processes=jax.process_count(),
-               # videos the dataset build could not read (listed in its skipped-SPLIT.tsv)
-               skipped_videos=int((builder.info.metadata or {}).get(f"skipped_{split}", 0) or 0))
+               skipped_videos=data.skipped_videos(builder, split))
   if max_batches is not None:  # a smoke run: say so wherever its numbers go
     extra["max_batches"] = max_batches
   if workdir is None:
