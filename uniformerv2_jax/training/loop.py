@@ -210,12 +210,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = data_io.train_batches(config, builder, per_host, start)
   peak = peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
-  # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss. The one
-  # resumed from gave none yet (its run may have stopped right after saving it); every earlier
-  # one did, in the run that saved the next.
+  # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss. A finite
+  # loss at a check vouches for every step saved before it (saves follow the check); the one
+  # resumed from gave none yet (its run may have stopped right after saving it).
   vouched = max((c for c in ckpt.manager.all_steps() if latest is not None and c < latest),
                 default=None)
-  saved_since, metrics, preempted = ([] if latest is None else [latest]), None, False
+  metrics, preempted = None, False
   tick, tick_step = time.time(), start
   waited, waited_at_tick, hinted = 0.0, 0.0, False  # seconds blocked on the input pipeline
   step = start
@@ -241,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
         ckpt.wait()
         raise _diverged(m, step, vouched, ckpt, workdir)
-      vouched, saved_since = (saved_since[-1] if saved_since else vouched), []
+      vouched = ckpt.latest_step()
       line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
               f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
       scalars = {"train/" + k: v for k, v in m.items()}
@@ -277,7 +277,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
                   best_step=best_step)
       ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
-      saved_since.append(step)
     tick += time.time() - paused
     if preempted:
       log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
