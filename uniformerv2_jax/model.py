@@ -57,31 +57,35 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x, train: bool):
     ct = jnp.promote_types(x.dtype, jnp.float32)
-    x32 = x.astype(ct)
-    if not train:
-      mean, var = self.mean[...].astype(ct), self.var[...].astype(ct)
-      y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
-      return (y * self.scale[...].astype(ct) + self.bias[...].astype(ct)).astype(self.dtype)
-    groups = replica_groups(x.shape[0], self.replica_batch)
-    xg = x32.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = xg.mean(axes, keepdims=True)
+    if train:  # one group of clips per upstream GPU (a single group by default)
+      groups = replica_groups(x.shape[0], self.replica_batch)
+      xs = x.astype(ct).reshape(groups, x.shape[0] // groups, *x.shape[1:])
+      mean, var = self._batch_statistics(xs)
+    else:
+      xs, mean, var = x.astype(ct), self.mean[...].astype(ct), self.var[...].astype(ct)
+    y = (xs - mean) * jax.lax.rsqrt(var + 1e-5)
+    y = y * self.scale[...].astype(ct) + self.bias[...].astype(ct)
+    return y.reshape(x.shape).astype(self.dtype)
+
+  def _batch_statistics(self, xs):
+    """Per-group mean and biased variance of xs (groups, clips, ..., C); folds their mean over
+    the groups, with the unbiased variance, into the running statistics."""
+    axes = tuple(range(1, xs.ndim - 1))
+    mean = xs.mean(axes, keepdims=True)
     if self.axis_name is not None:
       mean = jax.lax.pmean(mean, self.axis_name)
     # two passes, as PyTorch: E[x^2] - E[x]^2 loses float32 digits when |mean| >> std
-    var = jnp.square(xg - mean).mean(axes, keepdims=True)
-    count = math.prod(xg.shape[1:-1])
+    var = jnp.square(xs - mean).mean(axes, keepdims=True)
+    count = math.prod(xs.shape[1:-1])
     if self.axis_name is not None:
       var = jax.lax.pmean(var, self.axis_name)
       count *= jax.lax.psum(1, self.axis_name)
     unbiased = var * (count / max(count - 1, 1))
     sd = self.mean[...].dtype
-    batch_mean, batch_var = (v.reshape(groups, -1).mean(0).astype(sd) for v in (mean, unbiased))
+    batch_mean, batch_var = (v.reshape(len(xs), -1).mean(0).astype(sd) for v in (mean, unbiased))
     self.mean[...] = (0.9 * self.mean[...] + 0.1 * batch_mean).astype(sd)
     self.var[...] = (0.9 * self.var[...] + 0.1 * batch_var).astype(sd)
-    y = (xg - mean) * jax.lax.rsqrt(var + 1e-5)
-    y = y * self.scale[...].astype(ct) + self.bias[...].astype(ct)
-    return y.reshape(x.shape).astype(self.dtype)
+    return mean, var
 
 
 class LocalMHRA(nnx.Module):
