@@ -20,12 +20,15 @@ def test_resized_shape_follows_recipes(h, w, proto):
     assert (got[0] == s) == (h <= w)  # the short side stays the short side
 
 
-@pytest.mark.parametrize("short,long_", [(320, 325), (320, 645), (112, 115), (480, 645)])
+@pytest.mark.parametrize("short,long_", [(320, 325), (320, 645), (112, 115), (480, 645),
+                                         (224, 398), (336, 346), (336, 367)])
 def test_resized_shape_rounds_as_the_upstream_code(short, long_):
-    """Sizes where long * S / short and the upstreams' expressions round apart."""
+    """Sizes where long * S / short and the upstreams' expressions round apart, and frames whose
+    short side is already S (SlowFast returns those unresized: 336x346 stays, not 336x345)."""
     for size in (224, 336):
         mmcv = int(long_ * float(size / short) + 0.5)           # mmcv rescale_size/_scale_size
-        slowfast = int(math.floor((float(long_) / short) * size))  # SlowFast short_side_scale
+        slowfast = (long_ if short == size  # SlowFast short_side_scale's early return
+                    else int(math.floor((float(long_) / short) * size)))
         for proto, want in (("mmaction2", mmcv), ("original", slowfast)):
             assert spatial.resized_shape(short, long_, size, proto) == (size, want)
             assert spatial.resized_shape(long_, short, size, proto) == (want, size)

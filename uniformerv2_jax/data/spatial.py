@@ -44,6 +44,8 @@ def resized_shape(height: int, width: int, size: int, spatial: str = "mmaction2"
     # from long * size / short for some sizes, e.g. 320x325 at 224).
     if spatial == "mmaction2":  # mmcv.rescale_size: scale = size / short; int(long * scale + .5)
         new_long = int(long_ * (size / short) + 0.5)
+    elif short == size:  # SlowFast's short_side_scale returns such frames as they are
+        new_long = long_
     else:  # SlowFast's short_side_scale: floor(long / short * size)
         new_long = int(math.floor(long_ / short * size))
     new_long = max(new_long, size)

@@ -68,8 +68,8 @@ def _resized_shape(height, width, size: int, spatial: str):
     short, long_ = tf.minimum(h, w), tf.maximum(h, w)
     if spatial == "mmaction2":  # the order of operations of spatial.resized_shape
         new_long = tf.floor(long_ * (size / short) + 0.5)
-    else:
-        new_long = tf.floor(long_ / short * size)
+    else:  # unchanged when the short side is already `size`, as SlowFast's short_side_scale
+        new_long = tf.where(short == size, long_, tf.floor(long_ / short * size))
     new_long = tf.cast(tf.maximum(new_long, size), tf.int32)
     landscape = height <= width
     return tf.where(landscape, size, new_long), tf.where(landscape, new_long, size)
