@@ -210,3 +210,36 @@ def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path, monkeypatch):
     missing = tmp_path / "missing"
     assert main(["--config", "synthetic", "--manual_dir", str(missing), "--data_dir",
                  str(tmp_path / "tfds")]) == 2
+
+
+def test_kinetics710_layout_removes_held_out_ids_and_names_missing_test_lists(tmp_path, capsys):
+    """The K710 recipe's union from kinetics400/600/700 folders: validation ids and the test
+    lists' ids leave the training set; a missing test list is named (its ids would stay)."""
+    from uniformerv2_jax.data import annotations as ann
+    from uniformerv2_jax.data.builder import NAMED_CONFIGS, split_entries
+    cfg = next(c for c in NAMED_CONFIGS if c.name == "kinetics710")
+    lists = {
+        400: {"train": ["AAAAAAAAAAA_000001_000011.mp4 0", "BBBBBBBBBBB_000001_000011.mp4 1",
+                        "EEEEEEEEEEE_000001_000011.mp4 2"],
+              "val": ["VVVVVVVVVVV_000001_000011.mp4 0"]},
+        600: {"train": ["AAAAAAAAAAA_000001_000011.mp4 0", "VVVVVVVVVVV_000002_000012.mp4 1"],
+              "val": ["WWWWWWWWWWW_000001_000011.mp4 0"]},
+        700: {"train": ["TTTTTTTTTTT_000001_000011.mp4 0"],
+              "val": ["XXXXXXXXXXX_000001_000011.mp4 0"],
+              "test": ["label,youtube_id,time_start,time_end,split",
+                       "x,TTTTTTTTTTT,1,11,test", "x,EEEEEEEEEEE,1,11,test"]}}
+    for n, splits in lists.items():
+        (tmp_path / f"kinetics{n}").mkdir()
+        for split, rows in splits.items():
+            (tmp_path / f"kinetics{n}" / f"kinetics{n}_{split}_list_videos.txt").write_text(
+                "\n".join(rows) + "\n")
+    out = split_entries(cfg, tmp_path)
+    train = sorted(ann.kinetics_id(e.name) for e in out["train"][0])
+    # AAA once (duplicate), VVV (K400 validation) and TTT/EEE (K700 test list) removed
+    assert train == ["AAAAAAAAAAA", "BBBBBBBBBBB"]
+    assert len(out["validation"][0]) == 3
+    err = capsys.readouterr().err
+    missing = [str(tmp_path / f"kinetics{n}" / f"kinetics{n}_test_list_videos.txt")
+               for n in (400, 600)]
+    assert f"kinetics710: warning: no {', '.join(missing)}; the training union keeps" in err
+    assert "kinetics700_test" not in err.split("warning:")[1].split(";")[0]

@@ -114,7 +114,7 @@ def _resolve(path, manual_dir):
 def _kinetics710_splits(cfg: VideoConfig, manual_dir):
     """{split: (entries, skipped)} of the K710 recipe (see label_maps/README.md)."""
     splits = {"train": [], "validation": []}
-    heldout, skipped = set(), {"train": [], "validation": []}
+    heldout, skipped, no_test_list = set(), {"train": [], "validation": []}, []
     for n in (400, 600, 700):
         src, names, idx = _kinetics(n), ann.load_class_names(f"k{n}"), ann.load_index_map(f"k{n}")
         root = os.path.join(os.fspath(manual_dir), f"kinetics{n}")
@@ -129,6 +129,13 @@ def _kinetics710_splits(cfg: VideoConfig, manual_dir):
         test_list = os.path.join(root, f"kinetics{n}_test_list_videos.txt")
         if os.path.isfile(test_list):
             heldout |= ann.read_ids(test_list)
+        else:
+            no_test_list.append(test_list)
+    if no_test_list:
+        print(f"kinetics710: warning: no {', '.join(no_test_list)}; the training union keeps "
+              "those test sets' YouTube ids (the recipe removes them). Put each test list there "
+              "(an mmaction2 list, or the official CSV with a youtube_id column) and rebuild with "
+              "--overwrite to match the recipe", file=sys.stderr)
     train, dropped = ann.kinetics710_entries(splits["train"], heldout)
     print(f"kinetics710: train union keeps {len(train)} videos ({dropped['duplicate']} duplicate "
           f"and {dropped['heldout']} held-out YouTube ids removed)", file=sys.stderr)
