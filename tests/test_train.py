@@ -264,3 +264,43 @@ def test_new_head_over_another_label_space(tmp_path):
     else:
       want = source[path]
     np.testing.assert_array_equal(np.asarray(value), np.asarray(want), err_msg=key)
+
+
+def test_frozen_recipe_starts_from_an_unfrozen_conversion(tmp_path):
+  """The frozen-from-CLIP recipes point at the CLIP conversion, which (like any unfrozen model)
+  has `temporal.balance`; the frozen model has none and drops it. The reverse stays refused."""
+  import jax
+  from flax import nnx
+
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import tiny_config
+  from uniformerv2_jax.checkpoint import load_weights_tree, save_pretrained
+  from uniformerv2_jax.model import UniFormerV2
+  from uniformerv2_jax.training.config_check import ConfigError, check
+  from uniformerv2_jax.training.loop import build_model_config, init_weights, make_mesh
+  from uniformerv2_jax.training.optim import make_optimizer
+  from uniformerv2_jax.training.state import create_train_state, model_def, unscanned_weights
+  config = tiny_config({"model.frozen": True})
+  cfg = build_model_config(config)
+  save_pretrained(str(tmp_path / "clip"), UniFormerV2(cfg.replace(frozen=False),
+                                                      rngs=nnx.Rngs(3)))
+  config.init_from, config.init_new_head = str(tmp_path / "clip"), True
+  check(config, n_devices=1)
+  mesh = make_mesh(config)
+  tx, _ = make_optimizer(config.train, 4, 4)
+  state, _ = create_train_state(model_def(cfg, mesh), tx, mesh, seed=config.train.seed,
+                                frozen=True, init_weights=init_weights(config, cfg, mesh),
+                                new_head=True)
+  got = dict(jax.tree_util.tree_flatten_with_path(unscanned_weights(state))[0])
+  source = dict(jax.tree_util.tree_flatten_with_path(load_weights_tree(tmp_path / "clip")[1])[0])
+  assert {jax.tree_util.keystr(p) for p in set(source) - set(got)} == {"['temporal']['balance']"}
+  for path, value in got.items():
+    if jax.tree_util.keystr(path).startswith("['head']['fc']"):
+      continue
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(source[path]))
+
+  save_pretrained(str(tmp_path / "frozen"), UniFormerV2(cfg, rngs=nnx.Rngs(3)))
+  unfrozen = tiny_config({})
+  unfrozen.init_from, unfrozen.init_new_head = str(tmp_path / "frozen"), True
+  with pytest.raises(ConfigError, match=r"temporal\.balance: checkpoint missing"):
+    check(unfrozen, n_devices=1)

@@ -66,6 +66,8 @@ def _init_problems(config, cfg) -> list[str]:
     if rows != cfg.num_classes:
       return [f"config.head_map={config.head_map!r} has {rows} classes but config.model."
               f"num_classes={cfg.num_classes}"]
+  if cfg.frozen:  # a frozen model has no balance; the frozen-from-CLIP recipes start from the
+    stored.pop("temporal.balance", None)  # (unfrozen) CLIP conversion, whose one it drops
   if config.head_map or config.init_new_head:  # head.fc: remapped, or from the seed
     expected = {k: v for k, v in expected.items() if not k.startswith("head.fc")}
     stored = {k: v for k, v in stored.items() if not k.startswith("head.fc")}
