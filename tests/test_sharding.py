@@ -34,3 +34,33 @@ def test_model_axis_larger_than_a_host_is_refused():
   grid = np.array(devices, dtype=object).reshape(1, 1, 8)
   with pytest.raises(ValueError, match="model axis must lie within one host .*4 devices"):
     model_axis_within_hosts(grid, devices)
+
+
+MICROBATCH_SCRIPT = """
+import jax, numpy as np
+from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.training.step import _microbatches
+mesh = shd.make_mesh({"data": 2, "fsdp": 2, "model": 1})
+x = jax.device_put(np.arange(16), shd.batch_sharding(mesh))
+y = jax.jit(lambda v: _microbatches(v, 2, mesh, shd.BATCH_AXES))(x)
+print(np.asarray(y).tolist())
+own = {d: set(np.asarray(s.data).tolist()) for s in x.addressable_shards for d in [s.device]}
+print(all(set(np.asarray(s.data).ravel().tolist()) <= own[s.device] for s in y.addressable_shards))
+"""
+
+
+def test_microbatches_are_contiguous_runs_of_each_device_rows():
+  """Gradient accumulation's microbatch j is the j-th contiguous run of every device's rows:
+  neighbouring rows (SSv2's two samples of a video, one upstream GPU's clips) stay together,
+  and no row leaves its device."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", MICROBATCH_SCRIPT], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=root,
+                                             XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows, local = out.stdout.split("\n")[:2]
+  assert rows == str([[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]])
+  assert local == "True"

@@ -2,10 +2,13 @@
 
 The batch arrives as uint8 videos; normalisation (and RandAugment when enabled) runs on
 device inside the step. A global batch may be split into `grad_accum_steps` microbatches
-(lax.scan); microbatch j takes rows j, j+A, j+2A, ... so every device keeps its own rows.
+(lax.scan); microbatch j is the j-th of A contiguous runs of every device's rows, so every
+device keeps its own rows.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,9 +92,12 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
 
 
 def _microbatches(x, accum, mesh, batch_axes):
-  """(B, ...) -> (A, B/A, ...) with microbatch j = rows j::A (no cross-device traffic)."""
-  b = x.shape[0]
-  y = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+  """(B, ...) -> (A, B/A, ...): each batch shard's rows in A contiguous runs, microbatch j the
+  j-th run of every shard. No cross-device traffic, and neighbouring rows (SSv2's two samples
+  of a video) stay in one microbatch, as on the upstream's GPU."""
+  b, shards = x.shape[0], math.prod(mesh.shape[a] for a in batch_axes)
+  y = x.reshape(shards, accum, b // (shards * accum), *x.shape[1:]).swapaxes(0, 1)
+  y = y.reshape(accum, b // accum, *x.shape[1:])
   spec = P(None, batch_axes, *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
 
