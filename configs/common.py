@@ -6,17 +6,29 @@ Where a default here differs from mmaction2's configs, the comment says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from uniformerv2_jax.config import ModelConfig
+
+
+def _unset_model_fields(given: dict) -> dict:
+  """Every other ModelConfig field as a typed placeholder: None keeps the preset's value, and
+  --config.model.X=... can set any of them (tuples as '(4, 5, 6)')."""
+  types = {"int": int, "bool": bool, "float": float, "str": str}
+  return {f.name: ml_collections.config_dict.placeholder(
+              tuple if str(f.type).startswith("tuple") else types[str(f.type)])
+          for f in dataclasses.fields(ModelConfig) if f.name not in given}
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Model: a preset name + any ModelConfig field (uniformerv2_jax/config.py).
-  # Speed knobs are listed so that --config.model.X=... can override them (any other
-  # ModelConfig field can be added in a recipe).
-  c.model = ml_collections.ConfigDict(dict(
-      name="b16", num_classes=400, dtype="bfloat16",  # upstream: fp16 autocast
-      param_dtype="float32", scan_layers=False, remat="none", attention="auto"))
+  # Model: a preset name + any ModelConfig field (uniformerv2_jax/config.py); fields left
+  # None take the preset's value.
+  model = dict(name="b16", num_classes=400, dtype="bfloat16",  # upstream: fp16 autocast
+               param_dtype="float32", scan_layers=False, remat="none", attention="auto")
+  c.model = ml_collections.ConfigDict(dict(model, **_unset_model_fields(model)))
 
   c.dataset = ml_collections.ConfigDict(dict(
       name="kinetics400",        # TFDS config of uniformerv2_jax.data.builder, "synthetic", or

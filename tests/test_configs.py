@@ -178,3 +178,29 @@ def test_entry_points_report_config_flag_errors_in_one_line(tmp_path, script, ar
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-500:]
+
+
+def test_every_model_field_can_be_set_on_the_command_line(monkeypatch):
+  """--config.model.X=... reaches every ModelConfig field, whether the recipe sets it or not;
+  a field nobody sets keeps the preset's value."""
+  import dataclasses
+  from absl import flags
+  from ml_collections import config_flags
+  from uniformerv2_jax.config import ModelConfig
+  base = model_config(**load("k400_b16").model.to_dict())
+  assert base == model_config("b16", t_size=8, dtype="bfloat16")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv)
+  argv = ["train.py", f"--config={os.path.join(ROOT, 'configs', 'k400_b16.py')}",
+          "--config.model.no_lmhra=False", "--config.model.temporal_downsample=True",
+          "--config.model.return_list=(4, 5, 6, 7, 8, 9, 10, 11)", "--config.model.dw_reduction=2",
+          "--config.model.replica_batch=16", f"--config.model.mlp_dropout={(0.1,) * 8}"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+  fv(argv)
+  cfg = model_config(**fv.config.model.to_dict())
+  assert (cfg.no_lmhra, cfg.temporal_downsample, cfg.dw_reduction, cfg.replica_batch) == \
+      (False, True, 2.0, 16)
+  assert cfg.return_list == tuple(range(4, 12)) and cfg.n_layers == 8
+  assert cfg.mlp_dropout == (0.1,) * 8
+  assert set(load("k400_b16").model.keys()) == {"name"} | {
+      f.name for f in dataclasses.fields(ModelConfig)}
