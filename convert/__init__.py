@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from convert.io import ConversionError, load_torch_file, tensor_dict
+from convert.io import ConversionError, load_torch_file, tensor_dict, torch_module
 from uniformerv2_jax import storage
 
 Log = Callable[[str], None]
@@ -213,7 +213,7 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   original repository's ``UNIFORMERV2.PRETRAIN`` reads flat files; its
   ``TEST.CHECKPOINT_FILE_PATH`` and mmaction2 read the wrapped ones).
   """
-  import torch
+  torch = torch_module()
 
   from uniformerv2_jax.checkpoint import load_weights_tree
   from uniformerv2_jax.torch_layout import export_tensors, to_layout

@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow full unpickling (can run code from the file; trusted files only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-  model_help = "b16 | l14 | l14_336 | CONFIG.json (model fields by the upstream's names)"
+  model_help = ("b16 | l14 | l14_336 | CONFIG.json: a JSON object of ModelConfig fields by the "
+                "upstream's names, optionally with \"name\": a preset they override, e.g. "
+                "{\"name\": \"b16\", \"t_size\": 16} (a model directory's config.json "
+                "also serves)")
   c = sub.add_parser("clip", help="CLIP image tower -> initial UniFormerV2 checkpoint")
   common(c, model_help)
   c.add_argument("--seed", type=int, default=0, help="seed of the newly initialised parts")

@@ -27,9 +27,22 @@ def _is_torchscript(path: str) -> bool:
   return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def torch_module():
+  """The torch package, or a ConversionError saying how to install it."""
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(
+        "the converters read and write PyTorch files, so they need PyTorch, which "
+        "requirements.txt leaves out (training, evaluation and predict do not use it): "
+        "pip install torch (a CPU build is enough: pip install torch --index-url "
+        "https://download.pytorch.org/whl/cpu)") from None
+  return torch
+
+
 def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) -> Any:
   """The object stored in a .pt/.pth/.pyth file, with tensors (memory-mapped when possible)."""
-  import torch
+  torch = torch_module()
   path = os.fspath(path)
   if "://" in path:
     raise ConversionError(f"{path}: PyTorch files are read from a local disk; copy it first "

@@ -390,3 +390,19 @@ def test_sigterm_leaves_no_partial_output(tmp_path, monkeypatch):
     signal.signal(signal.SIGTERM, before)
   assert stop.value.code == 143
   assert only_entries(tmp_path) == ["tiny_k400.json"]  # the config file the test wrote
+
+
+def test_without_torch_the_converters_say_how_to_install_it(tmp_path, monkeypatch):
+  """torch is not in requirements.txt (only the converters need it)."""
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model",
+                  config_file(tmp_path, "tiny_k400"), "--output", tmp_path / "m")
+  assert code == 0, err
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+  for args in (("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model",
+                config_file(tmp_path, "tiny_k400"), "--output", tmp_path / "m2"),
+               ("export", "--input", tmp_path / "m", "--layout", "original", "--output",
+                tmp_path / "k400.pyth")):
+    code, err = cli(*args)
+    assert code == 2 and err.startswith("error: the converters read and write PyTorch files"), err
+    assert "pip install torch" in err and "Traceback" not in err
+  assert sorted(os.listdir(tmp_path)) == ["m", "tiny_k400.json"]
