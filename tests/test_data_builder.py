@@ -243,3 +243,12 @@ def test_kinetics710_layout_removes_held_out_ids_and_names_missing_test_lists(tm
                for n in (400, 600)]
     assert f"kinetics710: warning: no {', '.join(missing)}; the training union keeps" in err
     assert "kinetics700_test" not in err.split("warning:")[1].split(";")[0]
+
+
+def test_build_names_the_configs_when_given_an_unknown_one(tmp_path):
+    from uniformerv2_jax.data import build
+    with pytest.raises(SystemExit, match=r"--config kinetics401 is not a named config "
+                       r"\(kinetics400, kinetics600, kinetics700, kinetics710, ssv2, mit, "
+                       r"synthetic\): for your own lists give --train_list"):
+        build.main(["--config", "kinetics401", "--data_dir", str(tmp_path)])
+    assert os.listdir(tmp_path) == []

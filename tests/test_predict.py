@@ -111,7 +111,8 @@ def test_predict_cli_matches_model_on_hand_cropped_frames(golden_model, golden_c
   assert rc == 1
   errors = err.strip().splitlines()
   errors = [e for e in errors if e.startswith("predict: error:")]
-  assert len(errors) == 2 and str(bad) in errors[0] and missing in errors[1]
+  assert len(errors) == 2 and str(bad) in errors[0]
+  assert errors[1] == f"predict: error: {missing}: file not found"
   lines = [json.loads(line) for line in out.strip().splitlines()]
   assert len(lines) == 2  # both copies of the good file answered
   for rec in lines:

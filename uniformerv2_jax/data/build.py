@@ -52,8 +52,9 @@ def config_from_args(args) -> VideoConfig:
     else:
         lists = {s: v for s, v in (("train", args.train_list), ("validation", args.val_list)) if v}
         if not lists or not args.classes:
-            raise SystemExit(f"--config {args.config} is not a named config: give --train_list "
-                             "and/or --val_list, --classes (and usually --video_root)")
+            raise SystemExit(f"--config {args.config} is not a named config ({', '.join(named)})"
+                             ": for your own lists give --train_list and/or --val_list, "
+                             "--classes (and usually --video_root)")
         cfg = VideoConfig(name=args.config, annotations=lists, class_names=args.classes,
                           video_roots={s: args.video_root for s in lists})
     changes = {k: getattr(args, k) for k in ("short_side", "fps", "max_fps", "on_unknown_label")

@@ -31,7 +31,7 @@ def _open(path):
     if os.path.isdir(path):
         raise VideoDecodeError(path, "a folder, not a video file")
     if not os.path.isfile(path):
-        raise VideoDecodeError(path, "file not found (check the video root and annotation paths)")
+        raise VideoDecodeError(path, "file not found")
     if os.path.getsize(path) == 0:
         raise VideoDecodeError(path, "file is empty (0 bytes); re-download or remove it")
     try:
