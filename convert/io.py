@@ -2,12 +2,15 @@
 
 `torch.load(weights_only=True)` only rebuilds tensors and plain containers; a file
 that needs arbitrary unpickling is refused unless the user trusts it. OpenAI's CLIP
-`.pt` files are TorchScript archives and go through `torch.jit.load`. Zip-format files
-can be memory-mapped (`mmap=True`).
+`.pt` files are TorchScript archives: their tensors are read from data.pkl by a restricted
+unpickler, without compiling or running the archive's code. Zip-format files can be
+memory-mapped (`mmap=True`).
 """
 
 from __future__ import annotations
 
+import collections
+import io
 import os
 import pickle
 import zipfile
@@ -64,7 +67,9 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
                             "another kind of file")
   if is_zip and _is_torchscript(path):
     try:
-      return dict(torch.jit.load(path, map_location="cpu").state_dict())
+      return torchscript_tensors(path, torch)
+    except ConversionError:
+      raise
     except Exception as e:  # noqa: BLE001
       raise ConversionError(f"{path}: a TorchScript archive that cannot be read "
                             f"(truncated or corrupt?): {type(e).__name__}: {_short(e)}") from None
@@ -92,6 +97,75 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
                             f"(no data.pkl): {_short(e)}") from None
     raise ConversionError(f"{path}: truncated or corrupt PyTorch file (or not a PyTorch "
                           f"checkpoint): {type(e).__name__}: {_short(e)}") from None
+
+
+_STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "DoubleStorage": "float64",
+                   "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+                   "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+                   "BoolStorage": "bool"}
+
+
+class _ScriptObject:
+  """A TorchScript module in data.pkl: only its attribute dict is kept, no code runs."""
+
+  def __setstate__(self, state):
+    self.state = state
+
+
+def torchscript_tensors(path: str, torch) -> dict[str, Any]:
+  """{name: tensor} of every tensor attribute of a TorchScript archive's modules (OpenAI's CLIP
+  `.pt`), read from its data.pkl by a restricted unpickler: the archive's code is neither
+  compiled nor run (torch.jit.load is deprecated from torch 2.13 on)."""
+  with zipfile.ZipFile(path) as z:
+    pkl = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pkl) != 1:
+      raise ConversionError(f"{path}: a TorchScript archive without one data.pkl ({pkl})")
+    root = pkl[0][:-len("data.pkl")]
+    names = set(z.namelist())
+    if root + "byteorder" in names and z.read(root + "byteorder").strip() != b"little":
+      raise ConversionError(f"{path}: a big-endian TorchScript archive; load it with "
+                            "torch.jit.load and torch.save its state_dict()")
+
+    def rebuild(flat, offset, size, stride, *_):
+      return torch.as_strided(flat, size, stride, offset)
+
+    class Unpickler(pickle.Unpickler):
+
+      def find_class(self, module, name):
+        if module.startswith("__torch__."):
+          return _ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+          return rebuild
+        if (module, name) == ("collections", "OrderedDict"):
+          return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+          return getattr(torch, _STORAGE_DTYPES[name])
+        if module == "torch.jit._pickle" and name.startswith("build_"):
+          return lambda x: x  # typed lists of non-tensor attributes
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+          return lambda x, _tag: x
+        raise ConversionError(f"{path}: the TorchScript archive stores {module}.{name}, which "
+                              "this reader does not know; load it with torch.jit.load and "
+                              "torch.save its state_dict()")
+
+      def persistent_load(self, pid):
+        _, dtype, key, _location, _numel = pid
+        raw = bytearray(z.read(f"{root}data/{key}"))
+        return torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+
+    obj = Unpickler(io.BytesIO(z.read(pkl[0]))).load()
+  out: dict[str, Any] = {}
+
+  def walk(node, prefix):
+    for name, value in (node.state.items() if isinstance(node.state, dict) else ()):
+      if isinstance(value, torch.Tensor):
+        out[prefix + name] = value
+      elif isinstance(value, _ScriptObject):
+        walk(value, f"{prefix}{name}.")
+  if not isinstance(obj, _ScriptObject):
+    raise ConversionError(f"{path}: a TorchScript archive that holds no module")
+  walk(obj, "")
+  return out
 
 
 def _short(e: BaseException, n: int = 300) -> str:

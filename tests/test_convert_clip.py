@@ -37,6 +37,41 @@ def torchscript_archive(state_dict, path):
   return path
 
 
+class _Tower(torch.nn.Module):
+  """What a traced CLIP holds: nested and numbered submodules, float16 and float32 weights,
+  a buffer, a parameter viewing part of a shared storage, and non-tensor attributes."""
+
+  def __init__(self):
+    super().__init__()
+    g = torch.Generator().manual_seed(0)
+    self.resblocks = torch.nn.Sequential(*[torch.nn.Linear(4, 3) for _ in range(3)]).half()
+    self.ln = torch.nn.LayerNorm(3)
+    shared = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    self.proj = torch.nn.Parameter(shared[1:4, 1:], requires_grad=False)  # offset, strides
+    self.register_buffer("counts", torch.arange(6, dtype=torch.int64).reshape(2, 3))
+    self.sizes = [3, 4]
+    self.input_resolution = 224
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.ln(self.resblocks(x.half()).float())
+
+
+def test_torchscript_archive_is_read_without_torch_jit(tmp_path, recwarn):
+  """The restricted data.pkl reader gives torch.jit.load's state_dict(), bit for bit, and
+  neither runs the archive nor warns (torch.jit.load is deprecated from torch 2.13 on)."""
+  from convert.io import load_torch_file
+  path = str(tmp_path / "tower.pt")
+  torch.jit.script(_Tower()).save(path)
+  recwarn.clear()
+  got = load_torch_file(path)
+  assert not [w for w in recwarn.list if issubclass(w.category, DeprecationWarning)]
+  want = dict(torch.jit.load(path).state_dict())
+  assert set(got) == set(want) and len(want) == 10
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+  assert got["proj"].dtype == torch.float64 and got["resblocks.2.weight"].dtype == torch.float16
+
+
 @pytest.fixture(scope="module")
 def clip_json(tmp_path_factory):
   import json
@@ -183,3 +218,27 @@ def test_return_list_alone_sets_the_number_of_global_blocks(tmp_path):
   c = read_config(tmp_path / "out")
   assert (tuple(c.return_list), c.n_layers, len(c.mlp_dropout)) == ((0, 1, 2), 3, 3)
   assert len(restore_weights(tmp_path / "out")["temporal"]["dec"]) == 3
+
+
+def test_torchscript_archive_with_foreign_code_is_refused(tmp_path):
+  """A data.pkl that names anything but modules, tensors and storages is refused unrun."""
+  import pickle
+  import zipfile
+  from convert.io import ConversionError, load_torch_file
+  good = tmp_path / "tower.pt"
+  torch.jit.script(_Tower()).save(str(good))
+
+  class Evil:
+    def __reduce__(self):
+      return (open, (str(tmp_path / "pwned"), "w"))
+
+  bad = tmp_path / "evil.pt"
+  with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+    for item in src.infolist():
+      data = src.read(item)
+      dst.writestr(item, pickle.dumps(Evil(), protocol=2) if item.filename.endswith(
+          "/data.pkl") else data)
+  with pytest.raises(ConversionError, match=r"evil\.pt: the TorchScript archive stores "
+                     r"(io|builtins)\.open, which this reader does not know"):
+    load_torch_file(str(bad))
+  assert not (tmp_path / "pwned").exists()
