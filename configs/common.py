@@ -14,11 +14,10 @@ from uniformerv2_jax.config import ModelConfig
 
 
 def _unset_model_fields(given: dict) -> dict:
-  """Every other ModelConfig field as a typed placeholder: None keeps the preset's value, and
-  --config.model.X=... can set any of them (tuples as '(4, 5, 6)')."""
-  types = {"int": int, "bool": bool, "float": float, "str": str}
-  return {f.name: ml_collections.config_dict.placeholder(
-              tuple if str(f.type).startswith("tuple") else types[str(f.type)])
+  """Every other ModelConfig field as a placeholder: None keeps the preset's value, and
+  --config.model.X=... can set any of them (Python literals: tuples as '(4, 5, 6)'). Untyped,
+  as model_config accepts a number for mlp_dropout and 0/1 for flags, and checks the values."""
+  return {f.name: ml_collections.config_dict.placeholder(object)
           for f in dataclasses.fields(ModelConfig) if f.name not in given}
 
 

@@ -18,7 +18,7 @@ from configs.common import get_base_config
 def get_config():
   c = get_base_config()
   c.model.update(name=None, input_resolution=32, patch_size=8, width=64, layers=3, heads=4,
-                 return_list=(1, 2), n_head=4, mlp_dropout=(0.0, 0.0), cls_dropout=0.0,
+                 return_list=(1, 2), n_head=4, mlp_dropout=0.0, cls_dropout=0.0,
                  num_classes=4, t_size=8, no_lmhra=False, double_lmhra=False, dtype="float32")
   c.dataset.name = "synthetic"
   c.dataset.data_dir = "/tmp/uniformerv2_demo_data"

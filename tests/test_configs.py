@@ -9,7 +9,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import like train.py)
 
 from uniformerv2_jax.config import model_config
-from uniformerv2_jax.training.config_check import ConfigError, check
+from uniformerv2_jax.training.config_check import ConfigError, build_model_config, check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -25,7 +25,7 @@ def load(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_builds_a_model_config(name):
   c = load(name)
-  cfg = model_config(**c.model.to_dict())
+  cfg = build_model_config(c)
   assert cfg.input_resolution == c.input.crop_size and cfg.t_size == c.input.clip_len
   assert cfg.num_classes == c.dataset.num_classes
   if c.init_from:  # the head is remapped from init_from's (K710 -> K400) or starts new
@@ -61,19 +61,19 @@ def test_recipe_table(name):
 def test_family_settings():
   k = load("k400_b16")
   assert k.head_map == "k400" and k.init_from and k.input.flip
-  s = model_config(**load("ssv2_b16_16f").model.to_dict())
+  s = build_model_config(load("ssv2_b16_16f"))
   assert (s.no_lmhra, s.double_lmhra, s.dw_reduction, s.temporal_downsample) == (False, True, 1.5, True)
   assert s.return_list == tuple(range(4, 12)) and s.n_layers == 8
   assert (s.backbone_drop_path_rate, s.drop_path_rate) == (0.2, 0.4)
   c = load("ssv2_l14_16f")
   assert not c.input.flip and c.input.num_samples == 2
-  assert model_config(**c.model.to_dict()).return_list == tuple(range(8, 24))
-  assert model_config(**load("frozen_l14_336").model.to_dict()).frozen
+  assert build_model_config(c).return_list == tuple(range(8, 24))
+  assert build_model_config(load("frozen_l14_336")).frozen
   clip = load("frozen_k700_l14_336_clip")
-  assert model_config(**clip.model.to_dict()).frozen and clip.dataset.name == "kinetics700"
+  assert build_model_config(clip).frozen and clip.dataset.name == "kinetics700"
   assert clip.init_new_head and clip.init_from == "pretrained/clip_l14_336"
   f = load("frozen_k400_l14_336_32f")
-  assert model_config(**f.model.to_dict()).frozen and f.head_map == "k400"
+  assert build_model_config(f).frozen and f.head_map == "k400"
   assert load("k400_l14_32f").model.remat == "full"
 
 
@@ -124,7 +124,7 @@ def test_init_checkpoint_of_another_model(tmp_path):
   from uniformerv2_jax import checkpoint
   from uniformerv2_jax.model import UniFormerV2
   c = tiny()
-  other = model_config(**dict(c.model.to_dict(), width=32, heads=2, n_head=2))
+  other = build_model_config(c).replace(width=32, heads=2, n_head=2)
   checkpoint.save_pretrained(str(tmp_path / "other"), UniFormerV2(other, rngs=nnx.Rngs(0)))
   c.init_from = str(tmp_path / "other")
   with pytest.raises(ConfigError, match="holds another model than config.model"):
@@ -187,20 +187,23 @@ def test_every_model_field_can_be_set_on_the_command_line(monkeypatch):
   from absl import flags
   from ml_collections import config_flags
   from uniformerv2_jax.config import ModelConfig
-  base = model_config(**load("k400_b16").model.to_dict())
+  base = build_model_config(load("k400_b16"))
   assert base == model_config("b16", t_size=8, dtype="bfloat16")
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=fv)
   argv = ["train.py", f"--config={os.path.join(ROOT, 'configs', 'k400_b16.py')}",
           "--config.model.no_lmhra=False", "--config.model.temporal_downsample=True",
           "--config.model.return_list=(4, 5, 6, 7, 8, 9, 10, 11)", "--config.model.dw_reduction=2",
-          "--config.model.replica_batch=16", f"--config.model.mlp_dropout={(0.1,) * 8}"]
+          "--config.model.replica_batch=16", "--config.model.mlp_dropout=0.1"]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
   fv(argv)
-  cfg = model_config(**fv.config.model.to_dict())
+  cfg = build_model_config(fv.config)
   assert (cfg.no_lmhra, cfg.temporal_downsample, cfg.dw_reduction, cfg.replica_batch) == \
       (False, True, 2.0, 16)
   assert cfg.return_list == tuple(range(4, 12)) and cfg.n_layers == 8
   assert cfg.mlp_dropout == (0.1,) * 8
   assert set(load("k400_b16").model.keys()) == {"name"} | {
       f.name for f in dataclasses.fields(ModelConfig)}
+  c = load("k400_b16")  # in a config file: what model_config accepts (a scalar dropout, 0/1)
+  c.model.update(mlp_dropout=0.0, frozen=1, return_list=[10, 11])
+  assert build_model_config(c).mlp_dropout == (0.0, 0.0) and build_model_config(c).frozen

@@ -202,10 +202,8 @@ def _build(base: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
 def model_config(name: str | None = "b16", **overrides) -> ModelConfig:
   """A preset ("b16", "l14", "l14_336") with any field overridden by its upstream name.
 
-  `name=None` starts from the dataclass defaults (the B/16 Kinetics recipe). An override of
-  None keeps the preset's value (a training config's unset field).
+  `name=None` starts from the dataclass defaults (the B/16 Kinetics recipe).
   """
-  overrides = {k: v for k, v in overrides.items() if v is not None}
   base = dataclasses.asdict(ModelConfig())
   if name is not None:
     if name not in PRESETS:

@@ -86,10 +86,17 @@ def _init_problems(config, cfg) -> list[str]:
   return []
 
 
+def build_model_config(config):
+  """The ModelConfig of a training config; its unset (None) model fields keep the preset's
+  (name=None: no preset, the dataclass defaults)."""
+  from uniformerv2_jax.config import model_config
+  return model_config(**{k: v for k, v in config.model.to_dict().items()
+                         if v is not None or k == "name"})
+
+
 def check(config, n_devices: int | None = None, n_processes: int | None = None):
   """Raises ConfigError listing every problem; returns the ModelConfig when all is well."""
   from configs.common import get_base_config
-  from uniformerv2_jax.config import model_config
   from uniformerv2_jax.training import data_io
   n_devices = jax.device_count() if n_devices is None else n_devices
   n_processes = jax.process_count() if n_processes is None else n_processes
@@ -97,7 +104,7 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
   if problems:
     raise ConfigError("Bad config: " + "\n  ".join(problems))
   try:
-    cfg = model_config(**config.model.to_dict())
+    cfg = build_model_config(config)
   except ValueError as e:
     raise ConfigError(f"Bad config.model: {e}") from None
   tc, inp = config.train, config.input

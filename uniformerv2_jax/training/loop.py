@@ -12,8 +12,8 @@ from flax import nnx
 
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax import storage
-from uniformerv2_jax.config import model_config
 from uniformerv2_jax.training import config_check, data_io
+from uniformerv2_jax.training.config_check import build_model_config
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
 from uniformerv2_jax.training.optim import make_optimizer
 from uniformerv2_jax.training.state import (create_train_state, model_def, state_shapes,
@@ -43,10 +43,6 @@ def log(msg: str) -> None:
 
 def make_mesh(config, devices=None):
   return shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES}, devices)
-
-
-def build_model_config(config):
-  return model_config(**config.model.to_dict())
 
 
 def init_weights(config, cfg, mesh):
