@@ -105,6 +105,9 @@ _STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "DoubleS
                    "BoolStorage": "bool"}
 
 
+_TYPED_LISTS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")
+
+
 class _ScriptObject:
   """A TorchScript module in data.pkl: only its attribute dict is kept, no code runs."""
 
@@ -113,9 +116,10 @@ class _ScriptObject:
 
 
 def torchscript_tensors(path: str, torch) -> dict[str, Any]:
-  """{name: tensor} of every tensor attribute of a TorchScript archive's modules (OpenAI's CLIP
-  `.pt`), read from its data.pkl by a restricted unpickler: the archive's code is neither
-  compiled nor run (torch.jit.load is deprecated from torch 2.13 on)."""
+  """{name: tensor} of every tensor attribute of a TorchScript archive's modules, read from its
+  data.pkl by a restricted unpickler: the archive's code is neither compiled nor run
+  (torch.jit.load is deprecated from torch 2.13 on). For a traced module, as OpenAI's CLIP
+  `.pt`, these are its state_dict(); a scripted one's plain tensor attributes come too."""
   with zipfile.ZipFile(path) as z:
     pkl = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pkl) != 1:
@@ -132,7 +136,7 @@ def torchscript_tensors(path: str, torch) -> dict[str, Any]:
     class Unpickler(pickle.Unpickler):
 
       def find_class(self, module, name):
-        if module.startswith("__torch__."):
+        if module == "__torch__" or module.startswith("__torch__."):
           return _ScriptObject
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
           return rebuild
@@ -140,8 +144,8 @@ def torchscript_tensors(path: str, torch) -> dict[str, Any]:
           return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPES:
           return getattr(torch, _STORAGE_DTYPES[name])
-        if module == "torch.jit._pickle" and name.startswith("build_"):
-          return lambda x: x  # typed lists of non-tensor attributes
+        if module == "torch.jit._pickle" and name in _TYPED_LISTS:
+          return lambda x: x
         if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
           return lambda x, _tag: x
         raise ConversionError(f"{path}: the TorchScript archive stores {module}.{name}, which "
@@ -150,14 +154,21 @@ def torchscript_tensors(path: str, torch) -> dict[str, Any]:
 
       def persistent_load(self, pid):
         _, dtype, key, _location, _numel = pid
-        raw = bytearray(z.read(f"{root}data/{key}"))
+        name = f"{root}data/{key}"
+        raw = bytearray(z.getinfo(name).file_size)  # read in place: one copy in memory
+        with z.open(name) as f:
+          f.readinto(raw)
         return torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
 
     obj = Unpickler(io.BytesIO(z.read(pkl[0]))).load()
   out: dict[str, Any] = {}
 
   def walk(node, prefix):
-    for name, value in (node.state.items() if isinstance(node.state, dict) else ()):
+    if not isinstance(node.state, dict):  # a TorchScript class or C++ object (packed params)
+      raise ConversionError(f"{path}: {prefix.rstrip('.') or 'the module'} is a TorchScript "
+                            "object this reader cannot read; load the archive with "
+                            "torch.jit.load and torch.save its state_dict()")
+    for name, value in node.state.items():
       if isinstance(value, torch.Tensor):
         out[prefix + name] = value
       elif isinstance(value, _ScriptObject):
