@@ -93,8 +93,9 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
 
 def _microbatches(x, accum, mesh, batch_axes):
   """(B, ...) -> (A, B/A, ...): each batch shard's rows in A contiguous runs, microbatch j the
-  j-th run of every shard. No cross-device traffic, and neighbouring rows (SSv2's two samples
-  of a video) stay in one microbatch, as on the upstream's GPU."""
+  j-th run of every shard. No cross-device traffic, and neighbouring rows stay in one
+  microbatch, as on the upstream's GPU (SSv2's two samples of a video, when a run's length,
+  B / (shards * A), is even)."""
   b, shards = x.shape[0], math.prod(mesh.shape[a] for a in batch_axes)
   y = x.reshape(shards, accum, b // (shards * accum), *x.shape[1:]).swapaxes(0, 1)
   y = y.reshape(accum, b // accum, *x.shape[1:])
