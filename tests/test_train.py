@@ -221,6 +221,19 @@ def test_resume_with_another_model_is_named_as_such(runs, tmp_path):
     train_and_evaluate(config, str(run))
 
 
+def _started_weights(config, cfg):
+  """The unscanned weights of the train state a run of `config` starts from (new head)."""
+  from uniformerv2_jax.training.loop import init_weights, make_mesh
+  from uniformerv2_jax.training.optim import make_optimizer
+  from uniformerv2_jax.training.state import create_train_state, model_def, unscanned_weights
+  mesh = make_mesh(config)
+  tx, _ = make_optimizer(config.train, 4, 4)
+  state, _ = create_train_state(model_def(cfg, mesh), tx, mesh, seed=config.train.seed,
+                                frozen=cfg.frozen, init_weights=init_weights(config, cfg, mesh),
+                                new_head=True)
+  return unscanned_weights(state)
+
+
 def test_new_head_over_another_label_space(tmp_path):
   """MiT from a K400 model, every recipe from CLIP: the classifier starts from the seed (the
   upstream's loader skips the mismatched head); every other weight is init_from's."""
@@ -232,10 +245,8 @@ def test_new_head_over_another_label_space(tmp_path):
   from uniformerv2_jax.checkpoint import load_weights_tree, save_pretrained
   from uniformerv2_jax.model import UniFormerV2
   from uniformerv2_jax.training.config_check import ConfigError, check
-  from uniformerv2_jax.training.loop import build_model_config, init_weights, make_mesh
-  from uniformerv2_jax.training.optim import make_optimizer
-  from uniformerv2_jax.training.state import (create_train_state, model_def, random_weights,
-                                              unscanned_weights)
+  from uniformerv2_jax.training.loop import build_model_config
+  from uniformerv2_jax.training.state import random_weights
   config = tiny_config({})
   cfg = build_model_config(config)
   save_pretrained(str(tmp_path / "k7"), UniFormerV2(cfg.replace(num_classes=7), rngs=nnx.Rngs(3)))
@@ -248,12 +259,7 @@ def test_new_head_over_another_label_space(tmp_path):
   config.head_map = None
   check(config, n_devices=1)
 
-  mesh = make_mesh(config)
-  tx, _ = make_optimizer(config.train, 4, 4)
-  state, _ = create_train_state(model_def(cfg, mesh), tx, mesh, seed=config.train.seed,
-                                frozen=False, init_weights=init_weights(config, cfg, mesh),
-                                new_head=True)
-  got = jax.tree_util.tree_flatten_with_path(unscanned_weights(state))[0]
+  got = jax.tree_util.tree_flatten_with_path(_started_weights(config, cfg))[0]
   source = dict(jax.tree_util.tree_flatten_with_path(load_weights_tree(tmp_path / "k7")[1])[0])
   fresh = jax.jit(lambda: random_weights(cfg, config.train.seed)[0]["head"]["fc"])()
   for path, value in got:
@@ -277,21 +283,14 @@ def test_frozen_recipe_starts_from_an_unfrozen_conversion(tmp_path):
   from uniformerv2_jax.checkpoint import load_weights_tree, save_pretrained
   from uniformerv2_jax.model import UniFormerV2
   from uniformerv2_jax.training.config_check import ConfigError, check
-  from uniformerv2_jax.training.loop import build_model_config, init_weights, make_mesh
-  from uniformerv2_jax.training.optim import make_optimizer
-  from uniformerv2_jax.training.state import create_train_state, model_def, unscanned_weights
+  from uniformerv2_jax.training.loop import build_model_config
   config = tiny_config({"model.frozen": True})
   cfg = build_model_config(config)
   save_pretrained(str(tmp_path / "clip"), UniFormerV2(cfg.replace(frozen=False),
                                                       rngs=nnx.Rngs(3)))
   config.init_from, config.init_new_head = str(tmp_path / "clip"), True
   check(config, n_devices=1)
-  mesh = make_mesh(config)
-  tx, _ = make_optimizer(config.train, 4, 4)
-  state, _ = create_train_state(model_def(cfg, mesh), tx, mesh, seed=config.train.seed,
-                                frozen=True, init_weights=init_weights(config, cfg, mesh),
-                                new_head=True)
-  got = dict(jax.tree_util.tree_flatten_with_path(unscanned_weights(state))[0])
+  got = dict(jax.tree_util.tree_flatten_with_path(_started_weights(config, cfg))[0])
   source = dict(jax.tree_util.tree_flatten_with_path(load_weights_tree(tmp_path / "clip")[1])[0])
   assert {jax.tree_util.keystr(p) for p in set(source) - set(got)} == {"['temporal']['balance']"}
   for path, value in got.items():
