@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (config files import like train.py)
+from ml_collections import config_flags  # config files import as under train.py; flags below
 
 from uniformerv2_jax.config import model_config
 from uniformerv2_jax.training.config_check import ConfigError, build_model_config, check
@@ -185,7 +185,6 @@ def test_every_model_field_can_be_set_on_the_command_line(monkeypatch):
   a field nobody sets keeps the preset's value."""
   import dataclasses
   from absl import flags
-  from ml_collections import config_flags
   from uniformerv2_jax.config import ModelConfig
   base = build_model_config(load("k400_b16"))
   assert base == model_config("b16", t_size=8, dtype="bfloat16")

@@ -111,11 +111,11 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
   return model, names, order is not None
 
 
-def check_protocol(ev) -> None:
+def _check_views(ev) -> None:
   """The views a config asks for, before any model is loaded."""
-  from uniformerv2_jax.data.spatial import check_protocol as check_views
+  from uniformerv2_jax.data.spatial import check_protocol
   try:
-    check_views(_get(ev, "spatial", "mmaction2"), int(ev.num_crops))
+    check_protocol(_get(ev, "spatial", "mmaction2"), int(ev.num_crops))
   except ValueError as e:
     raise EvalConfigError(f"--config.eval.{e}") from None
   if int(ev.num_clips) < 1 or int(ev.per_device_batch) < 1:
@@ -153,7 +153,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   views all arrived are scored, and the summary records ``max_batches``.
   """
   from uniformerv2_jax import storage
-  check_protocol(config.eval)
+  _check_views(config.eval)
   created = []  # the folders this evaluation creates, deepest first
   if workdir is not None:
     workdir = storage.absolute(workdir)
