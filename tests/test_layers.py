@@ -112,20 +112,25 @@ def test_cudnn_path_plumbing_with_xla_kernel(monkeypatch, train, x64):
   training pads the tokens in the LayerNorm, evaluation runs them unpadded and
   differentiates through a padded recomputation. Logits and every gradient equal those
   of the plain XLA path. (jax.nn.dot_product_attention's own XLA implementation would
-  not do as the stand-in: it runs the softmax in float32 even for float64 inputs.)"""
+  not do as the stand-in: it runs the softmax in float32 even for float64 inputs.)
+  The stand-in fills query rows past q_len with NaN, which cuDNN is free to do: no
+  such row may reach a result."""
   calls = []
 
   def kernel(q, k, v, q_len=None, kv_len=None):
-    calls.append((q.shape[1], kv_len))
-    return layers.attention(q, k, v, "xla", valid_len=kv_len)
+    calls.append((q.shape[1], q_len, kv_len))
+    out = layers.attention(q, k, v, "xla", valid_len=kv_len)
+    if q_len is None:
+      return out
+    return jnp.where((jnp.arange(q.shape[1]) < q_len)[:, None, None], out, jnp.nan)
 
   monkeypatch.setattr(layers, "_fused", kernel)
   reference = logits_and_grads(train, attention="xla")
   fused = logits_and_grads(train, attention="cudnn")
   padded = GOLDEN_TOKENS + layers.token_padding(GOLDEN_TOKENS, "cudnn")
   # Training: padded forward and backward; evaluation: unpadded forward, padded backward.
-  assert set(calls) == ({(padded, GOLDEN_TOKENS)} if train
-                        else {(GOLDEN_TOKENS, None), (padded, GOLDEN_TOKENS)})
+  assert set(calls) == ({(padded, padded, GOLDEN_TOKENS)} if train else
+                        {(GOLDEN_TOKENS, None, None), (padded, padded, GOLDEN_TOKENS)})
   if not train:
     assert rel_err(reference[0], golden_case("tiny_k400")[0]["logits"]) < 1e-9
   assert_same_results(reference, fused)

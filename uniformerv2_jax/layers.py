@@ -222,7 +222,7 @@ def attention(q, k, v, impl: str = "xla", valid_len: int | None = None):
 
 
 def _fused(q, k, v, q_len=None, kv_len=None):
-  """The cuDNN kernel; with lengths, later queries and keys are padding (masked).
+  """The cuDNN kernel; with lengths, later keys are masked and later query rows unspecified.
 
   The one call into cuDNN: tests substitute a masked XLA attention here to run the
   "cudnn" path's padding logic on a CPU.
@@ -250,13 +250,18 @@ def _cudnn_attention(q, k, v, valid_len):
 
 
 def _padded_fused(q, k, v, valid_len):
-  """Pads the token axes to the cuDNN multiple; padding masked through the sequence lengths."""
+  """Pads the token axes to the cuDNN multiple; padded keys masked through the key length.
+
+  Every query row, padding included, is declared valid: cuDNN leaves the output of rows
+  past the query length unspecified, and a NaN there would reach the out-projection's
+  weight gradient (as 0 * NaN) even though the rows themselves are dropped.
+  """
   s_q, s_k = q.shape[1], k.shape[1]
   pad_q, pad_k = token_padding(s_q, "cudnn"), token_padding(s_k, "cudnn")
   q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
   k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
-  return _fused(q, k, v, q_len=min(valid_len, s_q), kv_len=valid_len)[:, :s_q]
+  return _fused(q, k, v, q_len=s_q + pad_q, kv_len=valid_len)[:, :s_q]
 
 
 @jax.custom_vjp
