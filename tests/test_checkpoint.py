@@ -110,6 +110,31 @@ def test_head_map_when_loading(tmp_path):
                                 np.asarray(model.head.fc.bias[...])[index])
 
 
+def test_head_map_reads_a_named_head_by_name(tmp_path):
+  """A built-in map lists rows of the Kinetics-710 order; a 710-way head that names its
+  classes in another order is read by name (the same rows as the map for the K710 order),
+  and one whose names lack the target's classes is refused."""
+  from uniformerv2_jax import heads
+  k710, k400 = heads.builtin_class_names("k710"), heads.builtin_class_names("k400")
+  order = np.random.default_rng(0).permutation(710)
+  model = tiny_model(num_classes=710)
+  save_pretrained(tmp_path / "shuffled", model, class_names=[k710[i] for i in order])
+  loaded = load_pretrained(tmp_path / "shuffled", head_map="k400")
+  position = np.argsort(order)  # shuffled row of each K710 class
+  rows = position[heads.load_index_map("k400")]
+  np.testing.assert_array_equal(np.asarray(loaded.head.fc.kernel[...]),
+                                np.asarray(model.head.fc.kernel[...])[:, rows])
+  assert checkpoint.head_rows(tmp_path / "shuffled", "k400").tolist() == rows.tolist()
+  save_pretrained(tmp_path / "k710", model, class_names=k710)
+  np.testing.assert_array_equal(checkpoint.head_rows(tmp_path / "k710", "k400"),
+                                heads.load_index_map("k400"))
+  save_pretrained(tmp_path / "other", model, class_names=[f"c{i}" for i in range(710)])
+  with pytest.raises(CheckpointError, match=r"other: head_map 'k400' reads K400 .* do not "
+                     r"include K400's \(400 target class"):
+    load_pretrained(tmp_path / "other", head_map="k400")
+  assert len(k400) == 400
+
+
 def test_head_class_names(saved, tmp_path):
   """The names that go with the head load_pretrained returns, with and without a head map."""
   from uniformerv2_jax import heads

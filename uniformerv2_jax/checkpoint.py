@@ -264,6 +264,30 @@ def head_class_names(directory: str, head_map=None) -> list[str] | None:
   return heads.builtin_class_names(name) if name else None
 
 
+def head_rows(directory: str, head_map) -> np.ndarray:
+  """The rows of `directory`'s head that ``load_pretrained(head_map=head_map)`` takes.
+
+  A built-in map (``k400|k600|k700``) lists rows of a head in the Kinetics-710 class order.
+  When the checkpoint names its head's classes, the rows are found by name instead (for the
+  Kinetics-710 order the two agree), so a 710-way head trained in another order is read
+  right. Custom maps (a JSON file or a list) are taken as they are.
+  """
+  from uniformerv2_jax import heads
+  name = (heads.builtin_name(head_map)
+          if isinstance(head_map, str) and not os.path.exists(head_map) else None)
+  own = read_class_names(directory) if name else None
+  if own is None or own == heads.builtin_class_names("k710"):
+    return heads.load_index_map(head_map)
+  try:
+    return heads.index_map_from_names(own, heads.builtin_class_names(name))
+  except ValueError as e:
+    raise CheckpointError(
+        f"{directory}: head_map {head_map!r} reads {name.upper()} off a Kinetics-710 head, but "
+        f"the {len(own)} classes this checkpoint names do not include {name.upper()}'s ({e}). "
+        "Evaluate it without head_map on the dataset it was trained for, or give head_map as "
+        "a JSON file listing the head row of each target class.") from None
+
+
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """{flat key: (shape, dtype name)} from the Orbax metadata (reads no array data)."""
   import orbax.checkpoint as ocp
@@ -392,7 +416,7 @@ def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_l
   of the parameters (they are cast while restoring). scan_layers: stack the backbone
   blocks for lax.scan. mesh / rules: restore every array straight into its
   NamedSharding (from the parameters' logical axes). head_map: "k400"|"k600"|"k700"|
-  path|index list, gathers the rows of a 710-way head (see `uniformerv2_jax.heads`).
+  path|index list, gathers the rows of a 710-way head (see `head_rows`).
   Other keyword arguments override config fields that do not change weight shapes
   (t_size, drop_path_rate, cls_dropout, remat, attention, ...).
   """
@@ -408,8 +432,7 @@ def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_l
     overrides["scan_layers"] = bool(scan_layers)
   index_map = None
   if head_map is not None:
-    from uniformerv2_jax import heads
-    index_map = heads.load_index_map(head_map)
+    index_map = head_rows(directory, head_map)
     if len(index_map) and int(np.max(index_map)) >= stored_cfg.num_classes:
       given = head_map if isinstance(head_map, (str, os.PathLike)) else "the index map"
       raise CheckpointError(

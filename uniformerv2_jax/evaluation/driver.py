@@ -72,12 +72,12 @@ def match_classes(head_names, data_names, checkpoint: str) -> np.ndarray | None:
 def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
                data_classes: int | None = None):
   """(model with its head's rows in the dataset's class order, class names, reordered?)."""
-  from uniformerv2_jax import heads
-  from uniformerv2_jax.checkpoint import head_class_names, load_pretrained, read_config
+  from uniformerv2_jax.checkpoint import (head_class_names, head_rows, load_pretrained,
+                                          read_config)
   overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
   overrides["t_size"] = int(config.input.clip_len)
   head_map = _get(config.eval, "head_map")
-  rows = None if head_map is None else heads.load_index_map(head_map)
+  rows = None if head_map is None else head_rows(checkpoint, head_map)
   num_classes = len(rows) if rows is not None else read_config(checkpoint).num_classes
   head_names = head_class_names(checkpoint, head_map)
   names = class_names_for(config, head_names, num_classes)
