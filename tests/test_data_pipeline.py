@@ -134,7 +134,8 @@ def reference_views(builder, index, clip_len, crop_size, num_clips, num_crops, s
     f = tf.train.Example.FromString(source[index]).features.feature
     jpegs = list(f["video"].bytes_list.value)
     idx = data.uniform_sample(len(jpegs), clip_len, num_clips, test_mode=True)
-    frames = np.stack([tf.io.decode_jpeg(jpegs[i], channels=3).numpy() for i in idx])
+    frames = np.stack([tf.io.decode_jpeg(jpegs[i], channels=3, dct_method="INTEGER_ACCURATE")
+                       .numpy() for i in idx])
     clips = frames.reshape(num_clips, clip_len, *frames.shape[1:])
     views = np.stack([data.eval_views(c, crop_size, num_crops, spatial=spatial) for c in clips])
     return views.reshape(-1, *views.shape[2:]), int(f["label"].int64_list.value[0])

