@@ -110,9 +110,10 @@ def main():
   assert summary["best_step"] == expected["best_step"]
   assert os.listdir(os.path.join(tmp, "tb_remote"))
 
-  # Orbax's retention works in the bucket too (keep 1, plus the best): as on local disk.
+  # Orbax's retention works in the bucket too (keep 1, which keeps 2, plus the best): as on
+  # local disk.
   kept = storage.listdir(f"{run_remote}/checkpoints")
-  assert kept == sorted({"4", str(expected["best_step"])})
+  assert kept == sorted({"2", "4", str(expected["best_step"])})
   assert kept == sorted(os.listdir(os.path.join(run_local, "checkpoints")))
 
   # The run read as a model (eval.py, init_from, convert): its latest finished step. A step
@@ -120,7 +121,14 @@ def main():
   junk = epath.Path(run_remote, "checkpoints", "9", "state")
   junk.mkdir(parents=True)
   (junk / "_METADATA").write_text("{}")
+  (junk.parent / "meta").mkdir()
+  (junk.parent / "meta" / "metadata").write_text("{}")
   assert checkpoint.resolve(run_remote) == f"{run_remote}/checkpoints/4"
+  try:  # nor when named
+    checkpoint.resolve(str(junk.parent))
+    raise AssertionError("took a step without its commit marker")
+  except checkpoint.CheckpointError as e:
+    assert "checkpoints/9 is an unfinished checkpoint" in str(e), e
   local_weights = weights(run_local)
   assert_same(weights(run_remote), local_weights)
   assert checkpoint.read_class_names(run_remote) == list(SYNTHETIC_CLASSES)

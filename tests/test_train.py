@@ -204,6 +204,18 @@ def test_damaged_step_is_named_with_what_to_do(runs, tmp_path):
   with pytest.raises(CheckpointError, match=r"checkpoints/4: unreadable or incomplete weights "
                      r"\(.*\); the step is damaged: move its folder out of checkpoints/"):
     load_weights_tree(run)
+  # its meta missing or cut short: read as a model or resumed, the same advice
+  from train_helper import tiny_config
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  for damage in ("remove", "truncate"):
+    shutil.rmtree(run)
+    shutil.copytree(runs[0], run)
+    meta = run / "checkpoints" / "4" / "meta"
+    shutil.rmtree(meta) if damage == "remove" else (meta / "metadata").write_bytes(b"{")
+    for read in (lambda: load_weights_tree(run), lambda: train_and_evaluate(tiny_config({}), str(run))):
+      with pytest.raises(CheckpointError, match=r"checkpoints/4/meta: unreadable \(.*\); the "
+                         r"step is damaged: move its folder out of checkpoints/"):
+        read()
 
 
 def test_resume_with_another_model_is_named_as_such(runs, tmp_path):
@@ -219,6 +231,35 @@ def test_resume_with_another_model_is_named_as_such(runs, tmp_path):
   with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another model config "
                      r"\(num_classes: 5 -> 6\); resume it with the config it was started with"):
     train_and_evaluate(config, str(run))
+
+
+def test_resume_with_another_input_stream_is_refused(runs, tmp_path):
+  """The data position and the schedule count in steps of the saved run's batches: resuming
+  with another batch size (or seed, dataset) would replay or skip videos, so it stops."""
+  import shutil
+
+  from train_helper import tiny_config
+  from uniformerv2_jax.training.config_check import ConfigError
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  run = tmp_path / "run"
+  shutil.copytree(runs[0], run)
+  for change, named in (({"train.global_batch_size": 8}, "global_batch_size: 16 -> 8"),
+                        ({"train.seed": 1}, "seed: 0 -> 1")):
+    with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another input "
+                       r"stream \(.*\) \(" + named):
+      train_and_evaluate(tiny_config(change), str(run))
+
+
+def test_meta_is_read_afresh(tmp_path):
+  """A step number written again (a workdir deleted and rerun) reads as what it holds now."""
+  from uniformerv2_jax.training.checkpointing import Checkpointer, read_meta
+  for run in ("A", "B"):
+    ckpt = Checkpointer(str(tmp_path / "w"), async_save=False)
+    ckpt.save(1, {"x": np.zeros(2)}, {"run": run})
+    ckpt.close()
+    assert read_meta(tmp_path / "w" / "checkpoints" / "1")["run"] == run
+    import shutil
+    shutil.rmtree(tmp_path / "w")
 
 
 def _started_weights(config, cfg):

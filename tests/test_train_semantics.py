@@ -191,11 +191,12 @@ def test_grad_accumulation_traces_under_x64(x64):
 DIVERGE = {**ACCUM, "train.steps_per_epoch": 8, "train.warmup_epochs": 0.25,
            "train.warmup_start_lr": 1e-3, "train.base_lr": 1e10,
            "train.checkpoint_every_steps": 1, "train.log_every_steps": 100,
-           "train.keep_checkpoints": 3}
+           "train.keep_checkpoints": 1}  # keeps 2: the newest is not yet known good
 MESSAGE = (r"Loss became (?P<loss>\S+) \(grad norm \S+\) at step (?P<bad>\d+); stopped\. The last "
            r"good checkpoint is step (?P<good>\d+) in (?P<dir>\S+); a rerun resumes from it\. "
            r"Steps \[(?P<aside>[\d, ]+)\], saved after the last finite loss, may hold the "
-           r"diverging weights: moved to (?P<to>\S+) \(move one back to resume from it\)\. "
+           r"diverging weights: moved to (?P<to>\S+) \(to resume from one, move it back into "
+           r"(?P=dir) under its step number\)\. "
            r"Lower train\.base_lr or check the data, then rerun\.")
 
 

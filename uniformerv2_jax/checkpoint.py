@@ -219,8 +219,9 @@ def resolve(directory: str) -> str:
 
 def _train_config(step_dir: str) -> ModelConfig:
   from uniformerv2_jax.training.checkpointing import read_meta
+  meta = read_meta(step_dir)
   try:
-    return ModelConfig.from_dict(read_meta(step_dir)["model_config"]).replace(scan_layers=False)
+    return ModelConfig.from_dict(meta["model_config"]).replace(scan_layers=False)
   except (KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{step_dir}: unreadable model config in the checkpoint's meta: "
                           f"{e}") from None

@@ -5,7 +5,8 @@ optimiser state, step, RNG) and `meta` (JSON: step, data position, model config)
 asynchronous; Orbax finalises a step only when it is complete (locally a rename of its
 temporary directory, on an object store a `commit_success.txt` written last), so a
 half-written checkpoint (killed process) is never listed or restored. WORKDIR may be a
-local path or a `gs://` URL. The last `keep` checkpoints are kept, plus the one with the
+local path or a `gs://` URL. The last `keep` checkpoints are kept (at least two: the newest
+is known good only once a later loss is finite, see training.loop), plus the one with the
 best validation top-1.
 Restoring takes a target of ShapeDtypeStructs with shardings: the state lands on whatever
 mesh the new run uses (another device count works).
@@ -13,8 +14,6 @@ mesh the new run uses (another device count works).
 
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import signal
 import threading
@@ -34,7 +33,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(storage.absolute(workdir), "checkpoints")
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=max(int(keep), 1)),
+        ocp.checkpoint_managers.LatestN(n=max(int(keep), 2)),
         ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["top1"], reverse=False, n=1,
                                       keep_checkpoints_without_metrics=False),
     ])
@@ -87,7 +86,8 @@ class Checkpointer:
           target, n = os.path.join(destination, f"{step}-{n}"), n + 1
         os.rename(os.path.join(self.directory, str(step)), target)
     return True, (f" Steps {steps}, saved after the last finite loss, may hold the diverging "
-                  f"weights: moved to {destination} (move one back to resume from it).")
+                  f"weights: moved to {destination} (to resume from one, move it back into "
+                  f"{self.directory} under its step number).")
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -129,6 +129,10 @@ def step_directory(path: str) -> str | None:
   path = storage.absolute(path)
   names = storage.listdir(path)
   if "state" in names and "meta" in names:
+    if not ocp.utils.is_checkpoint_finalized(path):
+      from uniformerv2_jax.checkpoint import CheckpointError
+      raise CheckpointError(f"{path} is an unfinished checkpoint (its save is still running or "
+                            "was interrupted); name a finished step, WORKDIR/checkpoints/STEP")
     return path
   if os.path.basename(path) == "checkpoints" and storage.isdir(path):
     root = path
@@ -147,13 +151,17 @@ def step_directory(path: str) -> str | None:
 
 def read_meta(step_dir: str) -> dict:
   """The `meta` item of a checkpoint: step, data position, model config, class names."""
-  return copy.deepcopy(_read_meta(storage.absolute(step_dir)))
-
-
-@functools.lru_cache(maxsize=16)  # a finished step never changes; readers ask several times
-def _read_meta(step_dir: str) -> dict:
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-    return ckptr.restore(os.path.join(step_dir, "meta"))
+  path = os.path.join(storage.absolute(step_dir), "meta")
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(path)
+  except Exception as e:  # noqa: BLE001  (missing, truncated, not JSON: Orbax raises many types)
+    from uniformerv2_jax.checkpoint import CheckpointError
+    raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e}); {MOVE_ASIDE}") from None
+  if not isinstance(meta, dict):
+    from uniformerv2_jax.checkpoint import CheckpointError
+    raise CheckpointError(f"{path}: not a checkpoint's meta (a JSON object); {MOVE_ASIDE}")
+  return meta
 
 
 def restore_weights(step_dir: str) -> dict:

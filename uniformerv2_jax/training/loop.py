@@ -120,14 +120,30 @@ RESUMABLE_CHANGES = ("dtype", "remat", "attention", "backbone_drop_path_rate", "
                      "drop_path_rate", "mlp_dropout", "cls_dropout")
 
 
-def _check_same_model(directory: str, step: int, cfg) -> None:
+def _input_stream(config, steps_per_epoch: int) -> dict:
+  """What a run's data position and learning-rate schedule are counted in (a step is
+  global_batch_size / num_samples videos of the seed's order): a resumed run keeps them."""
+  return {"dataset": config.dataset.name, "train_split": config.dataset.train_split,
+          "global_batch_size": int(config.train.global_batch_size),
+          "num_samples": int(config.input.num_samples), "seed": int(config.train.seed),
+          "steps_per_epoch": int(steps_per_epoch)}
+
+
+def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
+  """The run saved at `step` was started with this model and this input stream."""
   from uniformerv2_jax.config import FIELDS, ModelConfig
-  saved = ModelConfig.from_dict(read_meta(os.path.join(directory, str(step)))["model_config"])
+  meta = read_meta(os.path.join(directory, str(step)))
+  saved = ModelConfig.from_dict(meta["model_config"])
   changed = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in FIELDS
              if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)]
+  what = "model config"
+  if not changed:  # checkpoints from before the stream was recorded compare nothing
+    changed = [f"{k}: {v!r} -> {stream[k]!r}" for k, v in meta.get("input_stream", {}).items()
+               if k in stream and v != stream[k]]
+    what = "input stream (its data position and schedule count in those steps)"
   if changed:
     raise config_check.ConfigError(
-        f"{directory}/{step} was trained with another model config ({'; '.join(changed)}); "
+        f"{directory}/{step} was trained with another {what} ({'; '.join(changed)}); "
         "resume it with the config it was started with, or start a new --workdir (with "
         "config.init_from pointing at this run to start from its weights)")
 
@@ -175,12 +191,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
   shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  stream = _input_stream(config, steps_per_epoch)
   meta_base = {"model_config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
-               "class_names": data_io.class_names(builder)}
+               "input_stream": stream, "class_names": data_io.class_names(builder)}
   history, best, best_step = [], 0.0, None
   latest = ckpt.latest_step()
   if latest is not None:
-    _check_same_model(ckpt.directory, latest, cfg)
+    _check_resumable(ckpt.directory, latest, cfg, stream)
     state, meta = ckpt.restore(state_shapes(mdef, tx, cfg.frozen), shardings, latest)
     history, best = meta.get("history", []), meta.get("best_top1", 0.0)
     best_step = meta.get("best_step")
