@@ -139,6 +139,26 @@ def test_build_command_line(tmp_path):
     assert built.info.file_format.value == "array_record"
 
 
+def test_named_config_with_other_frames_builds_under_a_derived_name(tmp_path, capsys):
+    """--short_side (the @336 recipes' advice) on a named config: a dataset of its own, named
+    for the change, frames at that size; an unchanged value keeps the name."""
+    from uniformerv2_jax.data.build import main
+    write_synthetic_videos(tmp_path / "src", 2, 2, size=16, num_frames=4)
+    assert main(["--config", "synthetic", "--manual_dir", str(tmp_path / "src"), "--data_dir",
+                 str(tmp_path / "tfds"), "--short_side", "8", "--max_fps", "60"]) == 0
+    out = capsys.readouterr()
+    assert "--config.dataset.name=synthetic_short8_maxfps60" in out.err, out.err
+    built = tfds.builder_from_directory(
+        str(tmp_path / "tfds" / "video_classification" / "synthetic_short8_maxfps60" / "1.0.0"))
+    frame = tf.io.decode_jpeg(next(iter(stored(built).values()))[1][0]).numpy()
+    assert frame.shape == (8, 8, 3) and built.info.metadata["short_side"] == 8
+    assert main(["--config", "synthetic", "--manual_dir", str(tmp_path / "src"), "--data_dir",
+                 str(tmp_path / "tfds"), "--keep_size"]) == 0  # synthetic's own short_side
+    assert "dataset of its own" not in capsys.readouterr().err
+    built = [n for n in os.listdir(tmp_path / "tfds" / "video_classification") if n[0] != "."]
+    assert sorted(built) == ["synthetic", "synthetic_short8_maxfps60"]
+
+
 def test_build_into_a_bucket_is_refused_with_what_to_do(tmp_path):
     from uniformerv2_jax.data.build import main
     with pytest.raises(SystemExit, match="build on a local disk, then copy the dataset folder"):

@@ -45,7 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def derived_name(name: str, changes: dict) -> str:
+    """The dataset name of a named config built with other frames: ``kinetics400_short336``,
+    ``kinetics400_fullsize``, ``kinetics400_maxfps60``, ``kinetics400_fps25``, ..."""
+    parts = [name]
+    for key, value in changes.items():
+        if key == "short_side":
+            parts.append("fullsize" if value is None else f"short{value}")
+        elif key == "on_unknown_label":
+            parts.append(f"unknown{value}")
+        else:
+            parts.append(f"{key.replace('_', '')}{value:g}".replace(".", "p"))
+    return "_".join(parts)
+
+
 def config_from_args(args) -> VideoConfig:
+    """The config to build. A named config built with other frames (--short_side, --keep_size,
+    --fps, --max_fps, --on_unknown_label) is a dataset of its own, under a derived name."""
     named = {c.name: c for c in NAMED_CONFIGS}
     if args.config in named:
         cfg = named[args.config]
@@ -61,7 +77,16 @@ def config_from_args(args) -> VideoConfig:
                if getattr(args, k) is not None}
     if args.keep_size:
         changes["short_side"] = None
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    changes = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
+    if not changes:
+        return cfg
+    if cfg.name in named:  # TFDS keeps a registered config's name for the registered config
+        name = derived_name(cfg.name, changes)
+        print(f"note: {cfg.name} with {', '.join(f'{k}={v}' for k, v in changes.items())} is a "
+              f"dataset of its own, {name}: train and evaluate on it with "
+              f"--config.dataset.name={name}", file=sys.stderr)
+        changes["name"] = name
+    return dataclasses.replace(cfg, **changes)
 
 
 def main(argv=None) -> int:
