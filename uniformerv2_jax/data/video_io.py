@@ -52,6 +52,16 @@ def _source_fps(stream) -> float | None:
     return float(rate) if rate else None
 
 
+def _check_complete(path, decoded: int, listed: int) -> None:
+    """A file whose index lists many more frames than decode (a download cut short) is
+    corrupt. FFmpeg's frame-threaded decoders end such a stream quietly, and the upstream's
+    reader, which samples from the listed count, would fail on it. A few frames fewer (edit
+    lists dropping a pre-roll) are normal; containers without a count (webm) list 0."""
+    if listed and listed - decoded > max(2, 0.02 * listed):
+        raise VideoDecodeError(path, f"truncated or corrupt: decoded {decoded} of the {listed} "
+                                     "frames its index lists; re-download or remove it")
+
+
 def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
                 threads: int = 0) -> Iterator[tuple[av.VideoFrame, float]]:
     """Yield ``(frame, output_fps)`` in display order, dropping frames to reach the frame rate.
@@ -74,15 +84,16 @@ def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
         out_fps = src if keep_all else target
         t0, last_slot, count = None, -1, 0
         for frame in container.decode(stream):
+            count += 1
             if not keep_all:
-                t = frame.time if frame.time is not None else count / src
+                t = frame.time if frame.time is not None else (count - 1) / src
                 t0 = t if t0 is None else t0
                 slot = math.floor((t - t0) * target + 1e-6)
-                count += 1
                 if slot <= last_slot:
                     continue
                 last_slot = slot
             yield frame, float(out_fps or 0.0)
+        _check_complete(path, count, stream.frames)
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"decoding failed (corrupt stream): {e}") from e
     finally:
