@@ -52,6 +52,26 @@ def test_missing_files_are_named(tmp_path):
         ann.load_class_names(str(tmp_path / "nope.txt"))
 
 
+def test_empty_and_binary_files_are_named(tmp_path):
+    """A list with no entries, or a binary file given as a list or class names: one message
+    naming the file (not TFDS's "no examples were yielded" or a bare codec error)."""
+    from uniformerv2_jax import heads
+    empty = write(tmp_path, "empty.txt", "\n  \n# only a comment\n")
+    with pytest.raises(ann.AnnotationError, match=r"empty.txt: no entries; expected one video"):
+        ann.parse_list(empty, NAMES)
+    binary = tmp_path / "weights.pth"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ann.AnnotationError, match=r"weights.pth: not a text annotation list"):
+        ann.parse_list(binary, NAMES)
+    with pytest.raises(ann.AnnotationError, match=r"class-name file .*weights.pth: not a text "
+                       r"file of class names"):
+        ann.load_class_names(str(binary))
+    with pytest.raises(ValueError, match=r"class-name file .*weights.pth: not a text file"):
+        heads.read_class_names_file(str(binary))
+    with pytest.raises(ValueError, match=r"class-name file .*nope.txt: no such file"):
+        heads.read_class_names_file(str(tmp_path / "nope.txt"))
+
+
 def test_packaged_label_maps():
     assert len(ann.load_class_names("k400")) == 400
     assert len(ann.load_class_names("k710")) == 710

@@ -155,8 +155,12 @@ def test_named_config_with_other_frames_builds_under_a_derived_name(tmp_path, ca
     assert main(["--config", "synthetic", "--manual_dir", str(tmp_path / "src"), "--data_dir",
                  str(tmp_path / "tfds"), "--keep_size"]) == 0  # synthetic's own short_side
     assert "dataset of its own" not in capsys.readouterr().err
-    built = [n for n in os.listdir(tmp_path / "tfds" / "video_classification") if n[0] != "."]
-    assert sorted(built) == ["synthetic", "synthetic_short8_maxfps60"]
+    assert main(["--config", "synthetic", "--manual_dir", str(tmp_path / "src"), "--data_dir",
+                 str(tmp_path / "tfds"), "--short_side", "8", "--max_fps", "60"]) == 0
+    assert (f"note: {built.data_dir} was already built; it is reused as it is, not read again "
+            "from the lists (pass --overwrite to rebuild it)") in capsys.readouterr().err
+    names = [n for n in os.listdir(tmp_path / "tfds" / "video_classification") if n[0] != "."]
+    assert sorted(names) == ["synthetic", "synthetic_short8_maxfps60"]
 
 
 def test_build_into_a_bucket_is_refused_with_what_to_do(tmp_path):
@@ -272,3 +276,13 @@ def test_build_names_the_configs_when_given_an_unknown_one(tmp_path):
                        r"synthetic\): for your own lists give --train_list"):
         build.main(["--config", "kinetics401", "--data_dir", str(tmp_path)])
     assert os.listdir(tmp_path) == []
+
+
+def test_named_config_without_its_manual_dir_says_so(tmp_path, capsys):
+    from uniformerv2_jax.data import build
+    (tmp_path / "empty").mkdir()
+    for extra, why in (([], "not given"), (["--manual_dir", str(tmp_path / "empty")], "empty")):
+        assert build.main(["--config", "kinetics400", "--data_dir", str(tmp_path / "tfds"),
+                           *extra]) == 2
+        assert (f"error: config kinetics400 reads its videos and annotations from --manual_dir, "
+                f"{why}: give the folder") in capsys.readouterr().err

@@ -344,3 +344,14 @@ def test_frozen_recipe_starts_from_an_unfrozen_conversion(tmp_path):
   unfrozen.init_from, unfrozen.init_new_head = str(tmp_path / "frozen"), True
   with pytest.raises(ConfigError, match=r"temporal\.balance: checkpoint missing"):
     check(unfrozen, n_devices=1)
+
+
+def test_a_dataset_folder_without_a_built_dataset_is_a_config_error(tmp_path):
+  """A folder a failed build left behind: train.py's one-line config error, not a traceback."""
+  from train_helper import tiny_config
+  from uniformerv2_jax.training.config_check import ConfigError
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  (tmp_path / "tfds" / "video_classification" / "halfbuilt" / "1.0.0").mkdir(parents=True)
+  config = tiny_config({"dataset.name": "halfbuilt", "dataset.data_dir": str(tmp_path / "tfds")})
+  with pytest.raises(ConfigError, match=r"config.dataset: .*halfbuilt: no built dataset there"):
+    train_and_evaluate(config, str(tmp_path / "run"))

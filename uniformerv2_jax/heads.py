@@ -31,9 +31,15 @@ def parse_class_names(text: str) -> list[str]:
 
 
 def read_class_names_file(path) -> list[str]:
-  """The names in a class list file (local path or gs:// URL)."""
+  """The names in a class list file (local path or gs:// URL), one a line."""
   from uniformerv2_jax import storage
-  return parse_class_names(storage.read_text(path))
+  try:
+    return parse_class_names(storage.read_text(path))
+  except FileNotFoundError:
+    raise ValueError(f"class-name file {path}: no such file") from None
+  except (UnicodeDecodeError, IsADirectoryError) as e:
+    raise ValueError(f"class-name file {path}: not a text file of class names, one a line "
+                     f"({type(e).__name__})") from None
 
 
 def builtin_class_names(name: str) -> list[str]:

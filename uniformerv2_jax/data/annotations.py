@@ -52,6 +52,9 @@ def load_class_names(source) -> list[str]:
                 names = f.read().splitlines()
         except FileNotFoundError:
             raise AnnotationError(f"class-name file not found: {source}") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:
+            raise AnnotationError(f"class-name file {source}: not a text file of class names, "
+                                  f"one a line ({type(e).__name__})") from None
     names = [n.strip() for n in names if n.strip()]
     if len(set(names)) != len(names):
         raise AnnotationError(f"class names in {source!r} are not unique")
@@ -100,9 +103,15 @@ def parse_list(path, class_names: Sequence[str], video_root="", *, fmt: str = "a
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AnnotationError(f"annotation file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [(i + 1, ln.strip()) for i, ln in enumerate(f)]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i + 1, ln.strip()) for i, ln in enumerate(f)]
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not a text annotation list ({e})") from None
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise AnnotationError(f"{path}: no entries; expected one video a line, mmaction2's "
+                              "`path label` or `path,label`")
     if fmt == "auto":
         fmt = "csv" if lines and "," in lines[0][1] else "list"
     index = {n: i for i, n in enumerate(class_names)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .builder import NAMED_CONFIGS, VideoConfig, build_dataset, skipped_videos
@@ -89,6 +90,14 @@ def config_from_args(args) -> VideoConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+def _built_dir(data_dir, config) -> str | None:
+    """The dataset folder of ``config`` under ``data_dir`` when it is already built."""
+    from .builder import VideoClassification
+    folder = os.path.join(data_dir, VideoClassification.name, config.name,
+                          str(VideoClassification.VERSION))
+    return folder if os.path.isfile(os.path.join(folder, "dataset_info.json")) else None
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if "://" in args.data_dir:
@@ -97,12 +106,17 @@ def main(argv=None) -> int:
                          "classification gs://BUCKET/tfds/); training and evaluation read it "
                          "from there")
     try:
-        builder = build_dataset(args.data_dir, config_from_args(args),
+        config = config_from_args(args)
+        existing = _built_dir(args.data_dir, config)
+        builder = build_dataset(args.data_dir, config,
                                 manual_dir=args.manual_dir, num_workers=args.num_workers,
                                 num_shards=args.num_shards, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # AnnotationError, BuildError, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if existing and not args.overwrite:
+        print(f"note: {existing} was already built; it is reused as it is, not read again from "
+              "the lists (pass --overwrite to rebuild it)", file=sys.stderr)
     for split, info in builder.info.splits.items():
         skipped = skipped_videos(builder, split)
         print(f"{split}: {info.num_examples} videos in {info.num_shards} shards, {skipped} skipped")

@@ -161,6 +161,13 @@ def split_entries(cfg: VideoConfig, manual_dir=None) -> dict:
     return out
 
 
+def needs_manual_dir(cfg: VideoConfig) -> bool:
+    """Whether the config names its files relative to a manual_dir (the named configs do)."""
+    return cfg.layout == "kinetics710" or any(
+        not os.path.isabs(os.fspath(p))
+        for p in [*cfg.annotations.values(), *cfg.video_roots.values()])
+
+
 class BuildError(ValueError):
     """A dataset that cannot be built from what was given; the message says what to fix."""
 
@@ -209,10 +216,7 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        needs_manual = cfg.layout == "kinetics710" or any(
-            not os.path.isabs(os.fspath(p))
-            for p in [*cfg.annotations.values(), *cfg.video_roots.values()])
-        manual_dir = dl_manager.manual_dir if needs_manual else None
+        manual_dir = dl_manager.manual_dir if needs_manual_dir(cfg) else None
         return {split: self._generate_examples(split, entries, skipped)
                 for split, (entries, skipped) in split_entries(cfg, manual_dir).items()}
 
@@ -349,7 +353,13 @@ def build_dataset(data_dir, config: VideoConfig | str, *, manual_dir=None,
                          "annotations of the named config; see README, Data)")
     builder = VideoClassification(config=config, data_dir=data_dir, num_workers=num_workers)
     final = os.fspath(builder.data_dir)
-    if overwrite and os.path.exists(os.path.join(final, "dataset_info.json")):
+    built = os.path.exists(os.path.join(final, "dataset_info.json"))
+    if needs_manual_dir(builder.builder_config) and (not built or overwrite) and (
+            manual_dir is None or not os.listdir(manual_dir)):
+        raise BuildError(f"config {builder.builder_config.name} reads its videos and annotations "
+                         f"from --manual_dir, {'not given' if manual_dir is None else 'empty'}: "
+                         "give the folder that holds them (README, Data, lists what it holds)")
+    if overwrite and built:
         return _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards)
     _prepare(builder, manual_dir, num_shards)
     return builder

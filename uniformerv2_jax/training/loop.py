@@ -179,7 +179,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tc = config.train
   mesh = make_mesh(config)
   pc = jax.process_count()
-  builder = None if config.dataset.name == data_io.FAKE else data_io.source(config)
+  try:
+    builder = None if config.dataset.name == data_io.FAKE else data_io.source(config)
+  except ValueError as e:  # no built dataset in the folder, or several
+    raise config_check.ConfigError(f"config.dataset: {e}") from None
   data_io.check_classes(config, builder)
   per_host = tc.global_batch_size // pc
   steps_per_epoch = tc.steps_per_epoch or data_io.steps_per_epoch(config, builder, per_host)
