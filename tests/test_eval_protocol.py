@@ -120,7 +120,11 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
         assert diff.max() <= 1 and (diff > 0).mean() < 0.02, (name, int(view))
   assert len(seen) == len(VIDEOS) * NUM_CLIPS * NUM_CROPS
 
-  summary = evaluate_checkpoint(_config(), ckpt, str(tmp_path), builder=dataset)
+  messages = []
+  summary = evaluate_checkpoint(_config(), ckpt, str(tmp_path), builder=dataset,
+                                log=messages.append)
+  assert any(f"over {len(VIDEOS)} videos (1 unreadable at build time left out, listed in "
+             "skipped-validation.tsv beside the dataset)" in m for m in messages), messages
   results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert len(results) == len(VIDEOS) == summary["num_videos"]
   scores, labels = [], []
@@ -138,6 +142,8 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
   assert on_disk["num_views"] == NUM_CLIPS * NUM_CROPS
   assert on_disk["protocol"]["spatial"] == "mmaction2"
   assert on_disk["protocol"]["dtype"] == "float32" and on_disk["protocol"]["attention"] == "xla"
+  assert on_disk["protocol"]["trained_clip_len"] == model.config.t_size == 4
+  assert on_disk["protocol"]["stored_short_side"] is None  # built at the source size
   assert on_disk["skipped_videos"] == 1  # broken.mp4
 
 
@@ -224,6 +230,36 @@ def test_dataset_not_built_is_one_message(golden, tmp_path):
                      r"there .* python -m uniformerv2_jax.data.build"):
     evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()  # no empty output folder left behind
+
+
+def test_crop_size_and_clip_length_against_the_checkpoint(golden, dataset, tmp_path):
+  """A crop size the model cannot take stops before any model is built; another clip length
+  (the model runs on it) is noted."""
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint, load_model
+  from uniformerv2_jax.sharding import make_mesh
+  c = _config()
+  c.input.crop_size = 48
+  with pytest.raises(EvalConfigError, match=r"tiny_k400 takes 32-pixel crops but "
+                     r"config.input.crop_size is 48: use the config of its recipe"):
+    evaluate_checkpoint(c, golden[1], str(tmp_path / "x"), builder=dataset)
+  from uniformerv2_jax.data.builder import VideoConfig, build_dataset
+  from uniformerv2_jax.data.video_io import write_video
+  write_video(str(tmp_path / "v.mp4"), np.zeros((8, 40, 48, 3), np.uint8))
+  (tmp_path / "val.txt").write_text("v.mp4 0\n")
+  small = build_dataset(str(tmp_path / "tfds"), VideoConfig(
+      name="small", annotations={"validation": str(tmp_path / "val.txt")}, short_side=16,
+      video_roots={"validation": str(tmp_path)}, class_names=CLASSES), num_workers=1)
+  messages = []
+  evaluate_checkpoint(_config(), golden[1], builder=small, log=messages.append)
+  assert ("eval: note: the frames are stored at short side 16, so the 32-pixel views are "
+          "upscaled from them") in messages[0], messages
+  c = _config()
+  c.input.clip_len = 8
+  messages = []
+  model, _, _ = load_model(c, golden[1], make_mesh(dict(c.mesh)), log=messages.append)
+  assert model.config.t_size == 8
+  assert messages == [f"eval: note: {golden[1]} was trained on 4-frame clips; evaluating on 8 "
+                      "(config.input.clip_len)"]
 
 
 def test_head_without_class_names_is_not_scored_unchecked(golden, dataset, tmp_path):

@@ -77,8 +77,17 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
   overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
   overrides["t_size"] = int(config.input.clip_len)
   head_map = _get(config.eval, "head_map")
+  stored = read_config(checkpoint)
+  crop = int(config.input.crop_size)
+  if crop != stored.input_resolution:
+    raise EvalConfigError(f"{checkpoint} takes {stored.input_resolution}-pixel crops but "
+                          f"config.input.crop_size is {crop}: use the config of its recipe, or "
+                          f"--config.input.crop_size={stored.input_resolution}")
+  if stored.t_size != overrides["t_size"] and jax.process_index() == 0:
+    log(f"eval: note: {checkpoint} was trained on {stored.t_size}-frame clips; evaluating on "
+        f"{overrides['t_size']} (config.input.clip_len)")
   rows = None if head_map is None else head_rows(checkpoint, head_map)
-  num_classes = len(rows) if rows is not None else read_config(checkpoint).num_classes
+  num_classes = len(rows) if rows is not None else stored.num_classes
   head_names = head_class_names(checkpoint, head_map)
   names = class_names_for(config, head_names, num_classes)
   order = None
@@ -178,7 +187,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
 
 def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   from uniformerv2_jax import data
-  from uniformerv2_jax.checkpoint import resolve
+  from uniformerv2_jax.checkpoint import read_config, resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
   from uniformerv2_jax.training.data_io import num_classes
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -191,9 +200,16 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
     builder = data.load_builder(builder)
   except ValueError as e:
     raise EvalConfigError(f"config.dataset: {e}") from None
+  trained_clip_len = read_config(checkpoint).t_size
   model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
                                      data_classes=num_classes(builder))
   spatial = _get(ev, "spatial", "mmaction2")
+  short_side = (builder.info.metadata or {}).get("short_side")
+  if short_side and short_side < int(config.input.crop_size) and jax.process_index() == 0:
+    _log(f"eval: note: the frames are stored at short side {short_side}, so the "
+         f"{config.input.crop_size}-pixel views are upscaled from them (the upstream resizes "
+         f"the source video); rebuild with data.build --short_side {config.input.crop_size} "
+         "or --keep_size to match it")
   num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
   num_views = num_clips * num_crops
   per_host = global_batch_size(mesh, int(ev.per_device_batch)) // jax.process_count()
@@ -216,6 +232,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                           f"in that many batches of {per_host}; raise it")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size),
+                  trained_clip_len=trained_clip_len, stored_short_side=short_side,
                   dtype=str(model.config.dtype), attention=_attention(model.config))
   extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
@@ -230,8 +247,12 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   summary = write_results(workdir, result, summary_extra=extra, class_names=names,
                           video_names=vnames, save_scores=bool(_get(ev, "save_scores", False)))
   if jax.process_index() == 0:
+    skipped = extra["skipped_videos"]
     _log(f"eval: top1 {summary['top1']:.4f} top5 {summary['top5']:.4f} mean class accuracy "
-         f"{summary['mean_class_accuracy']:.4f} -> {os.path.join(workdir, 'summary.json')}")
+         f"{summary['mean_class_accuracy']:.4f} over {len(result.video_ids)} videos"
+         + (f" ({skipped} unreadable at build time left out, listed in skipped-{split}.tsv "
+            "beside the dataset)" if skipped else "")
+         + f" -> {os.path.join(workdir, 'summary.json')}")
   return summary
 
 
