@@ -189,3 +189,13 @@ def test_damaged_weights_are_one_message(tmp_path):
     with pytest.raises(CheckpointError, match=r"/m/weights: unreadable or incomplete weights "
                        r"\(.*\); re-create the model directory"):
       read()
+  # From the command line: that one message, no tracebacks from the abandoned reads at exit
+  script = ("import sys\nfrom uniformerv2_jax.checkpoint import CheckpointError, load_pretrained\n"
+            f"try:\n  load_pretrained({str(path)!r})\nexcept CheckpointError as e:\n"
+            "  print('error:', e, file=sys.stderr)\n")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                     timeout=300)
+  lines = [line for line in p.stderr.splitlines() if line.strip()]
+  assert p.returncode == 0 and len(lines) == 1, p.stderr
+  assert lines[0].startswith("error: ") and "TensorStore details" not in lines[0], lines[0]

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
@@ -394,8 +395,27 @@ def damaged_files_reported(path: str, what_to_do: str):
     raise
   except Exception as e:  # noqa: BLE001 -- re-raised with the file and what to do
     reason = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
+    reason = reason.split(" See full TensorStore details")[0]
+    _ignore_abandoned_reads()
     raise CheckpointError(f"{path}: unreadable or incomplete weights ({type(e).__name__}: "
                           f"{reason[:300]}); {what_to_do}") from None
+
+
+def _ignore_abandoned_reads() -> None:
+  """After a failed restore, TensorStore finishes the reads Orbax abandoned and calls back
+  into Orbax's event loop, closed by then: each call printed an 'Event loop is closed'
+  traceback under the one message that matters. Only that error is silenced."""
+  previous = sys.unraisablehook
+  if getattr(previous, "ignores_closed_event_loop", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.ignores_closed_event_loop = True
+  sys.unraisablehook = hook
 
 
 def _place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
