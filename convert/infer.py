@@ -55,8 +55,10 @@ def base_fields(model: str) -> tuple[str | None, dict[str, Any], set[str]]:
   if model in PRESETS:
     return model, {}, set(_PRESET_FACTS)
   if not os.path.isfile(model):
-    raise ConversionError(f"--model {model!r}: neither a preset {sorted(PRESETS)} nor a "
-                          "JSON config file")
+    what = ("no such file" if model.endswith(".json") or os.sep in model
+            else "neither a preset nor a file")
+    raise ConversionError(f"--model {model!r}: {what}; give a preset {sorted(PRESETS)} or a "
+                          "JSON config file (a model directory's config.json)")
   try:
     with open(model) as f:
       data = json.load(f)

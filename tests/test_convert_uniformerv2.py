@@ -406,3 +406,12 @@ def test_without_torch_the_converters_say_how_to_install_it(tmp_path, monkeypatc
     assert code == 2 and err.startswith("error: the converters read and write PyTorch files"), err
     assert "pip install torch" in err and "Traceback" not in err
   assert sorted(os.listdir(tmp_path)) == ["m", "tiny_k400.json"]
+
+
+def test_model_argument_names_what_is_wrong(tmp_path):
+  from convert import ConversionError, infer
+  with pytest.raises(ConversionError, match=r"--model '.*nothere.json': no such file; give a "
+                     r"preset \['b16', 'l14', 'l14_336'\] or a JSON config file"):
+    infer.base_fields(str(tmp_path / "nothere.json"))
+  with pytest.raises(ConversionError, match=r"--model 'b17': neither a preset nor a file"):
+    infer.base_fields("b17")

@@ -139,7 +139,7 @@ def test_build_command_line(tmp_path):
     assert built.info.file_format.value == "array_record"
 
 
-def test_named_config_with_other_frames_builds_under_a_derived_name(tmp_path, capsys):
+def test_named_config_with_other_frames_builds_under_a_derived_name(tmp_path, capsys, caplog):
     """--short_side (the @336 recipes' advice) on a named config: a dataset of its own, named
     for the change, frames at that size; an unchanged value keeps the name."""
     from uniformerv2_jax.data.build import main
@@ -159,6 +159,7 @@ def test_named_config_with_other_frames_builds_under_a_derived_name(tmp_path, ca
                  str(tmp_path / "tfds"), "--short_side", "8", "--max_fps", "60"]) == 0
     assert (f"note: {built.data_dir} was already built; it is reused as it is, not read again "
             "from the lists (pass --overwrite to rebuild it)") in capsys.readouterr().err
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
     names = [n for n in os.listdir(tmp_path / "tfds" / "video_classification") if n[0] != "."]
     assert sorted(names) == ["synthetic", "synthetic_short8_maxfps60"]
 

@@ -25,7 +25,7 @@ from uniformerv2_jax import storage
 from uniformerv2_jax.training.state import abstract_state
 
 MOVE_ASIDE = ("the step is damaged: move its folder out of checkpoints/ to use the step before "
-              "(a training run then resumes from that one)")
+              "(a training run then resumes from that one, or starts afresh if there is none)")
 
 
 class Checkpointer:
