@@ -68,7 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       seed=0,
       log_every_steps=50,
       checkpoint_every_steps=1000,
-      keep_checkpoints=3,        # the last K; the best (validation top-1) is kept as well
+      keep_checkpoints=3,        # the last K (at least 2); the best (validation top-1) too
       # TensorBoard event files: "" = WORKDIR/tensorboard (a local path or a gs:// URL)
       tensorboard_dir="",
       eval_every_epochs=1.0,
