@@ -142,7 +142,7 @@ def test_eval_matches_hand_protocol(golden, dataset, tmp_path):
   assert on_disk["num_views"] == NUM_CLIPS * NUM_CROPS
   assert on_disk["protocol"]["spatial"] == "mmaction2"
   assert on_disk["protocol"]["dtype"] == "float32" and on_disk["protocol"]["attention"] == "xla"
-  assert on_disk["protocol"]["trained_clip_len"] == model.config.t_size == 4
+  assert on_disk["protocol"]["model_t_size"] == model.config.t_size == 4
   assert on_disk["protocol"]["stored_short_side"] is None  # built at the source size
   assert on_disk["skipped_videos"] == 1  # broken.mp4
 
@@ -258,8 +258,8 @@ def test_crop_size_and_clip_length_against_the_checkpoint(golden, dataset, tmp_p
   messages = []
   model, _, _ = load_model(c, golden[1], make_mesh(dict(c.mesh)), log=messages.append)
   assert model.config.t_size == 8
-  assert messages == [f"eval: note: {golden[1]} was trained on 4-frame clips; evaluating on 8 "
-                      "(config.input.clip_len)"]
+  assert messages == [f"eval: note: {golden[1]} is set up for 4-frame clips (t_size in its "
+                      "config); evaluating on 8 (config.input.clip_len)"]
 
 
 def test_head_without_class_names_is_not_scored_unchecked(golden, dataset, tmp_path):

@@ -84,8 +84,8 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
                           f"config.input.crop_size is {crop}: use the config of its recipe, or "
                           f"--config.input.crop_size={stored.input_resolution}")
   if stored.t_size != overrides["t_size"] and jax.process_index() == 0:
-    log(f"eval: note: {checkpoint} was trained on {stored.t_size}-frame clips; evaluating on "
-        f"{overrides['t_size']} (config.input.clip_len)")
+    log(f"eval: note: {checkpoint} is set up for {stored.t_size}-frame clips (t_size in its "
+        f"config); evaluating on {overrides['t_size']} (config.input.clip_len)")
   rows = None if head_map is None else head_rows(checkpoint, head_map)
   num_classes = len(rows) if rows is not None else stored.num_classes
   head_names = head_class_names(checkpoint, head_map)
@@ -200,7 +200,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
     builder = data.load_builder(builder)
   except ValueError as e:
     raise EvalConfigError(f"config.dataset: {e}") from None
-  trained_clip_len = read_config(checkpoint).t_size
+  model_t_size = read_config(checkpoint).t_size
   model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
                                      data_classes=num_classes(builder))
   spatial = _get(ev, "spatial", "mmaction2")
@@ -232,7 +232,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                           f"in that many batches of {per_host}; raise it")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size),
-                  trained_clip_len=trained_clip_len, stored_short_side=short_side,
+                  model_t_size=model_t_size, stored_short_side=short_side,
                   dtype=str(model.config.dtype), attention=_attention(model.config))
   extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
