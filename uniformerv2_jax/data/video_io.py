@@ -52,11 +52,21 @@ def _source_fps(stream) -> float | None:
     return float(rate) if rate else None
 
 
+def _listed_frames(stream) -> int:
+    """The frames a file says it shows: its index's count (0 when it has none, as webm),
+    capped by the stream's duration, which follows an edit list (a clip cut by stream copy
+    indexes the frames before its start too, and the decoder drops them)."""
+    listed, rate = stream.frames, _source_fps(stream)
+    if listed and stream.duration and stream.time_base and rate:
+        listed = min(listed, round(float(stream.duration * stream.time_base) * rate))
+    return listed
+
+
 def _check_complete(path, decoded: int, listed: int) -> None:
-    """A file whose index lists many more frames than decode (a download cut short) is
+    """A file that decodes to many fewer frames than it lists (a download cut short) is
     corrupt. FFmpeg's frame-threaded decoders end such a stream quietly, and the upstream's
-    reader, which samples from the listed count, would fail on it. A few frames fewer (edit
-    lists dropping a pre-roll) are normal; containers without a count (webm) list 0."""
+    reader, which samples from the listed count, would fail on it. A frame or two fewer
+    (rounding, a dropped pre-roll) is normal."""
     if listed and listed - decoded > max(2, 0.02 * listed):
         raise VideoDecodeError(path, f"truncated or corrupt: decoded {decoded} of the {listed} "
                                      "frames its index lists; re-download or remove it")
@@ -93,7 +103,7 @@ def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
                     continue
                 last_slot = slot
             yield frame, float(out_fps or 0.0)
-        _check_complete(path, count, stream.frames)
+        _check_complete(path, count, _listed_frames(stream))
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"decoding failed (corrupt stream): {e}") from e
     finally:
