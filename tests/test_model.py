@@ -233,6 +233,20 @@ def test_depthwise_conv_implementations_agree(x64):
     assert rel_err(g_shift, g_conv) < 1e-13
 
 
+def test_depthwise_conv_in_bfloat16_rounds_once(x64):
+  """bfloat16 in and out, but accumulated as a convolution does: the exact result of the
+  bfloat16 inputs rounded once to bfloat16 (a bfloat16 running sum of the 27 terms is not)."""
+  from uniformerv2_jax.layers import depthwise_conv3d
+  x = jax.random.normal(jax.random.key(0), (2, 8, 14, 14, 64), jnp.bfloat16)
+  k = (0.2 * jax.random.normal(jax.random.key(1), (3, 3, 3, 64))).astype(jnp.bfloat16)
+  exact = depthwise_conv3d(x.astype(jnp.float64), k.astype(jnp.float64), "shift")
+  got = depthwise_conv3d(x, k, "shift")
+  assert got.dtype == jnp.bfloat16
+  differ = np.asarray(got.astype(jnp.float64)) != np.asarray(exact.astype(jnp.bfloat16)
+                                                             .astype(jnp.float64))
+  assert differ.mean() < 1e-3, differ.mean()  # f32 sums land off a bf16 tie only rarely
+
+
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5])
 def test_temporal_kernel_pads_as_upstream_conv3d(kernel_size):
   """Conv3d(kernel (k, p, p), stride (2, p, p), padding ((k - 1) // 2, 0, 0)) as upstream: the
