@@ -287,3 +287,17 @@ def test_named_config_without_its_manual_dir_says_so(tmp_path, capsys):
                            *extra]) == 2
         assert (f"error: config kinetics400 reads its videos and annotations from --manual_dir, "
                 f"{why}: give the folder") in capsys.readouterr().err
+
+
+def test_own_lists_without_video_root_read_from_the_current_folder(tmp_path, monkeypatch):
+    """Relative list paths and no --video_root: relative to where the command runs (no
+    manual_dir is involved)."""
+    from uniformerv2_jax.data.build import main
+    write_video(tmp_path / "v0.mp4", np.full((4, 16, 16, 3), 40, np.uint8))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    (tmp_path / "train.txt").write_text("v0.mp4 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "mine", "--train_list", "train.txt", "--classes", "classes.txt",
+                 "--data_dir", "tfds", "--num_workers", "1"]) == 0
+    built = tfds.builder_from_directory(str(tmp_path / "tfds/video_classification/mine/1.0.0"))
+    assert stored(built)["v0.mp4"][0] == 1

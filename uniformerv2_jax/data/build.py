@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--manual_dir", help="folder holding the files of a named config")
     p.add_argument("--train_list")
     p.add_argument("--val_list")
-    p.add_argument("--video_root", default="", help="folder the list paths are relative to")
+    p.add_argument("--video_root", default="",
+                   help="folder the list paths are relative to (default: the current folder)")
     p.add_argument("--classes", help="class-name file (one name a line) or k400/k600/.../sthv2")
     p.add_argument("--short_side", type=int, default=None, help="default: the config's (320)")
     p.add_argument("--keep_size", action="store_true", help="store frames at the source size")
@@ -56,7 +57,8 @@ def derived_name(name: str, changes: dict) -> str:
         elif key == "on_unknown_label":
             parts.append(f"unknown{value}")
         else:
-            parts.append(f"{key.replace('_', '')}{value:g}".replace(".", "p"))
+            number = f"{value:f}".rstrip("0").rstrip(".")  # 29.97 -> 29p97, never 1e+06
+            parts.append(f"{key.replace('_', '')}{number}".replace(".", "p"))
     return "_".join(parts)
 
 
@@ -72,8 +74,9 @@ def config_from_args(args) -> VideoConfig:
             raise SystemExit(f"--config {args.config} is not a named config ({', '.join(named)})"
                              ": for your own lists give --train_list and/or --val_list, "
                              "--classes (and usually --video_root)")
+        lists = {s: os.path.abspath(v) for s, v in lists.items()}  # no manual_dir needed
         cfg = VideoConfig(name=args.config, annotations=lists, class_names=args.classes,
-                          video_roots={s: args.video_root for s in lists})
+                          video_roots={s: os.path.abspath(args.video_root) for s in lists})
     changes = {k: getattr(args, k) for k in ("short_side", "fps", "max_fps", "on_unknown_label")
                if getattr(args, k) is not None}
     if args.keep_size:

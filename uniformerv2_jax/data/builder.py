@@ -370,7 +370,8 @@ def build_dataset(data_dir, config: VideoConfig | str, *, manual_dir=None,
             manual_dir is None or not os.listdir(manual_dir)):
         raise BuildError(f"config {builder.builder_config.name} reads its videos and annotations "
                          f"from --manual_dir, {'not given' if manual_dir is None else 'empty'}: "
-                         "give the folder that holds them (README, Data, lists what it holds)")
+                         "give the folder that holds them (README, Data, lists what each named "
+                         "config needs)")
     if overwrite and built:
         return _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards)
     _prepare(builder, manual_dir, num_shards)
