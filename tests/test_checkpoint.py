@@ -115,7 +115,7 @@ def test_head_map_reads_a_named_head_by_name(tmp_path):
   classes in another order is read by name (the same rows as the map for the K710 order),
   and one whose names lack the target's classes is refused."""
   from uniformerv2_jax import heads
-  k710, k400 = heads.builtin_class_names("k710"), heads.builtin_class_names("k400")
+  k710 = heads.builtin_class_names("k710")
   order = np.random.default_rng(0).permutation(710)
   model = tiny_model(num_classes=710)
   save_pretrained(tmp_path / "shuffled", model, class_names=[k710[i] for i in order])
@@ -129,10 +129,16 @@ def test_head_map_reads_a_named_head_by_name(tmp_path):
   np.testing.assert_array_equal(checkpoint.head_rows(tmp_path / "k710", "k400"),
                                 heads.load_index_map("k400"))
   save_pretrained(tmp_path / "other", model, class_names=[f"c{i}" for i in range(710)])
-  with pytest.raises(CheckpointError, match=r"other: head_map 'k400' reads K400 .* do not "
-                     r"include K400's \(400 target class"):
+  with pytest.raises(CheckpointError, match=r"other: head_map 'k400' takes K400's classes by "
+                     r"name, but the 710 classes .* do not include them all \(400 target class"):
     load_pretrained(tmp_path / "other", head_map="k400")
-  assert len(k400) == 400
+  # a map file is a built-in one only when it is the packaged file; a missing one is an error
+  packaged = os.path.join(ROOT, "uniformerv2_jax", "label_maps", "map_k400.json")
+  assert checkpoint.head_rows(tmp_path / "shuffled", packaged).tolist() == rows.tolist()
+  with pytest.raises(ValueError, match="no such file"):
+    checkpoint.head_rows(tmp_path / "shuffled", str(tmp_path / "typo" / "map_k400.json"))
+  assert [heads.builtin_name(x) for x in ("k400", "map_k600.json", packaged, [1, 2])] == [
+      "k400", "k600", "k400", None]
 
 
 def test_head_class_names(saved, tmp_path):

@@ -275,8 +275,7 @@ def head_rows(directory: str, head_map) -> np.ndarray:
   right. Custom maps (a JSON file or a list) are taken as they are.
   """
   from uniformerv2_jax import heads
-  name = (heads.builtin_name(head_map)
-          if isinstance(head_map, str) and not os.path.exists(head_map) else None)
+  name = heads.builtin_name(head_map)
   own = read_class_names(directory) if name else None
   if own is None or own == heads.builtin_class_names("k710"):
     return heads.load_index_map(head_map)
@@ -284,8 +283,8 @@ def head_rows(directory: str, head_map) -> np.ndarray:
     return heads.index_map_from_names(own, heads.builtin_class_names(name))
   except ValueError as e:
     raise CheckpointError(
-        f"{directory}: head_map {head_map!r} reads {name.upper()} off a Kinetics-710 head, but "
-        f"the {len(own)} classes this checkpoint names do not include {name.upper()}'s ({e}). "
+        f"{directory}: head_map {head_map!r} takes {name.upper()}'s classes by name, but the "
+        f"{len(own)} classes this checkpoint names do not include them all ({e}). "
         "Evaluate it without head_map on the dataset it was trained for, or give head_map as "
         "a JSON file listing the head row of each target class.") from None
 

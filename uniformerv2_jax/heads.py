@@ -56,8 +56,8 @@ def load_index_map(name_or_path: str | os.PathLike | Sequence[int]) -> np.ndarra
     values, where = list(name_or_path), "index map"
   else:
     key = os.fspath(name_or_path)
-    stem = key.lower().removeprefix("map_").removesuffix(".json")
-    if not os.path.exists(key) and stem in BUILTIN:
+    stem = builtin_name(key)
+    if stem is not None:
       text, where = (_label_maps_dir() / f"map_{stem}.json").read_text(), f"map_{stem}.json"
     elif os.path.exists(key):
       with open(key) as f:
@@ -78,12 +78,19 @@ def load_index_map(name_or_path: str | os.PathLike | Sequence[int]) -> np.ndarra
 
 
 def builtin_name(name_or_path) -> str | None:
-  """"k400" for "k400" / ".../map_k400.json" (used to attach class names), else None."""
+  """"k400" for the built-in map "k400" ("map_k400", "map_k400.json", or the packaged file
+  itself); None for any other file, a path that does not exist, or a list of rows."""
   if not isinstance(name_or_path, (str, os.PathLike)):
     return None
-  stem = os.path.basename(os.fspath(name_or_path)).lower().removeprefix("map_")
-  stem = stem.removesuffix(".json")
-  return stem if stem in BUILTIN else None
+  key = os.fspath(name_or_path)
+  stem = key.lower().removeprefix("map_").removesuffix(".json")
+  if stem in BUILTIN and not os.path.exists(key):
+    return stem
+  base = os.path.basename(key).lower().removeprefix("map_").removesuffix(".json")
+  packaged = _label_maps_dir() / f"map_{base}.json"
+  if base in BUILTIN and os.path.isfile(key) and os.path.samefile(key, os.fspath(packaged)):
+    return base
+  return None
 
 
 def remap_head(tree: Mapping[str, Any], index_map) -> dict:
