@@ -228,8 +228,8 @@ def test_resume_with_another_model_is_named_as_such(runs, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(runs[0], run)
   config = tiny_config({"model.num_classes": 6, "dataset.num_classes": 6})
-  with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another model config "
-                     r"\(num_classes: 5 -> 6\); resume it with the config it was started with"):
+  with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another model config: "
+                     r"num_classes: 5 -> 6\. Resume it with the config it was started with"):
     train_and_evaluate(config, str(run))
 
 
@@ -243,11 +243,35 @@ def test_resume_with_another_input_stream_is_refused(runs, tmp_path):
   from uniformerv2_jax.training.loop import train_and_evaluate
   run = tmp_path / "run"
   shutil.copytree(runs[0], run)
-  for change, named in (({"train.global_batch_size": 8}, "global_batch_size: 16 -> 8"),
-                        ({"train.seed": 1}, "seed: 0 -> 1")):
-    with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another input "
-                       r"stream \(.*\) \(" + named):
+  stream = r"another input stream, whose steps count its data position and schedule: "
+  for change, named in (({"train.global_batch_size": 8}, stream + "global_batch_size: 16 -> 8"),
+                        ({"train.seed": 1}, stream + "seed: 0 -> 1"),
+                        ({"train.seed": 1, "model.num_classes": 6, "dataset.num_classes": 6},
+                         r"another model config: num_classes: 5 -> 6 and " + stream + "seed")):
+    with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with " + named):
       train_and_evaluate(tiny_config(change), str(run))
+  # a checkpoint from before the stream was recorded: its steps_per_epoch still counts
+  meta_file = run / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  del meta["input_stream"]
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ConfigError, match=stream + "steps_per_epoch: 4 -> 8"):
+    train_and_evaluate(tiny_config({"train.steps_per_epoch": 8}), str(run))
+
+
+def test_meta_that_cannot_be_read_now_is_not_called_damaged(runs, monkeypatch):
+  """No access or a network error: the step may be fine, so no advice to move it away."""
+  from uniformerv2_jax.checkpoint import CheckpointError
+  from uniformerv2_jax.training import checkpointing
+
+  def unreachable(self, *args, **kwargs):
+    raise ConnectionResetError("connection reset by peer")
+
+  monkeypatch.setattr(checkpointing.ocp.Checkpointer, "restore", unreachable)
+  with pytest.raises(CheckpointError, match=r"checkpoints/4/meta: could not be read "
+                     r"\(ConnectionResetError: .*\); check that it can be read from here and "
+                     r"retry$"):
+    checkpointing.read_meta(runs[0] / "checkpoints" / "4")
 
 
 def test_meta_is_read_afresh(tmp_path):

@@ -132,7 +132,8 @@ def step_directory(path: str) -> str | None:
     if not ocp.utils.is_checkpoint_finalized(path):
       from uniformerv2_jax.checkpoint import CheckpointError
       raise CheckpointError(f"{path} is an unfinished checkpoint (its save is still running or "
-                            "was interrupted); name a finished step, WORKDIR/checkpoints/STEP")
+                            "was interrupted, or it was copied without Orbax's commit_success.txt)"
+                            "; name a finished step, WORKDIR/checkpoints/STEP")
     return path
   if os.path.basename(path) == "checkpoints" and storage.isdir(path):
     root = path
@@ -151,15 +152,17 @@ def step_directory(path: str) -> str | None:
 
 def read_meta(step_dir: str) -> dict:
   """The `meta` item of a checkpoint: step, data position, model config, class names."""
+  from uniformerv2_jax.checkpoint import CheckpointError
   path = os.path.join(storage.absolute(step_dir), "meta")
   try:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
       meta = ckptr.restore(path)
-  except Exception as e:  # noqa: BLE001  (missing, truncated, not JSON: Orbax raises many types)
-    from uniformerv2_jax.checkpoint import CheckpointError
+  except (FileNotFoundError, ValueError) as e:  # missing, cut short, not JSON
     raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e}); {MOVE_ASIDE}") from None
+  except Exception as e:  # noqa: BLE001  (no access, a network error: the step may be fine)
+    raise CheckpointError(f"{path}: could not be read ({type(e).__name__}: {e}); check that it "
+                          "can be read from here and retry") from None
   if not isinstance(meta, dict):
-    from uniformerv2_jax.checkpoint import CheckpointError
     raise CheckpointError(f"{path}: not a checkpoint's meta (a JSON object); {MOVE_ASIDE}")
   return meta
 

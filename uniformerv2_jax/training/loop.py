@@ -134,18 +134,20 @@ def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
   from uniformerv2_jax.config import FIELDS, ModelConfig
   meta = read_meta(os.path.join(directory, str(step)))
   saved = ModelConfig.from_dict(meta["model_config"])
-  changed = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in FIELDS
-             if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)]
-  what = "model config"
-  if not changed:  # checkpoints from before the stream was recorded compare nothing
-    changed = [f"{k}: {v!r} -> {stream[k]!r}" for k, v in meta.get("input_stream", {}).items()
-               if k in stream and v != stream[k]]
-    what = "input stream (its data position and schedule count in those steps)"
-  if changed:
+  model = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in FIELDS
+           if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)]
+  # checkpoints from before the stream was recorded hold only steps_per_epoch
+  saved_stream = meta.get("input_stream", {"steps_per_epoch": meta.get("steps_per_epoch")})
+  inputs = [f"{k}: {v!r} -> {stream[k]!r}" for k, v in saved_stream.items()
+            if k in stream and v is not None and v != stream[k]]
+  parts = ([f"model config: {'; '.join(model)}"] if model else []) + (
+      [f"input stream, whose steps count its data position and schedule: {'; '.join(inputs)}"]
+      if inputs else [])
+  if parts:
     raise config_check.ConfigError(
-        f"{directory}/{step} was trained with another {what} ({'; '.join(changed)}); "
-        "resume it with the config it was started with, or start a new --workdir (with "
-        "config.init_from pointing at this run to start from its weights)")
+        f"{directory}/{step} was trained with another {' and another '.join(parts)}. Resume it "
+        "with the config it was started with, or start a new --workdir (with config.init_from "
+        "pointing at this run to start from its weights)")
 
 
 def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
