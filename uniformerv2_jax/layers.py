@@ -299,16 +299,34 @@ def depthwise_conv3d(x, kernel, impl=None):
         x, kernel[..., None, :], window_strides=(1, 1, 1), padding=pads[1:4],
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c,
         precision=precision(x.dtype))
-  # Products and sum in >= float32 inside the one fused loop (as a convolution accumulates),
-  # rounded once to the compute dtype: summing 27 bfloat16 terms in bfloat16 was ~4x off.
-  _, t, h, w, _ = x.shape
-  acc = compute_dtype_at_least_f32(x.dtype)
-  xp = jnp.pad(x, pads).astype(acc)
-  kernel = kernel.astype(acc)
+  return _shifted_sum(jnp.pad(x, pads), kernel, x.shape[1:4])
+
+
+# The elementwise depthwise convolutions sum their products in >= float32 inside the one
+# fused loop, as a convolution accumulates, and round once to the compute dtype (a bfloat16
+# running sum of the DPE's 27 terms was ~4x off). jax.checkpoint keeps their inputs, not
+# float32 copies of them, for the backward: those cost B/16 0.9 GiB a chip on v5p.
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _shifted_sum(xp, kernel, size):
+  """sum over (a, b, d) of xp[:, a:a+t, b:b+h, d:d+w] * kernel[a, b, d]; size = (t, h, w)."""
+  t, h, w = size
+  acc = compute_dtype_at_least_f32(xp.dtype)
   out = None
-  for a in range(kt):
-    for b in range(kh):
-      for d in range(kw):
-        term = xp[:, a:a + t, b:b + h, d:d + w] * kernel[a, b, d]
+  for a in range(kernel.shape[0]):
+    for b in range(kernel.shape[1]):
+      for d in range(kernel.shape[2]):
+        term = xp[:, a:a + t, b:b + h, d:d + w].astype(acc) * kernel[a, b, d].astype(acc)
         out = term if out is None else out + term
+  return out.astype(xp.dtype)
+
+
+@jax.checkpoint
+def temporal_taps(x, kernel, bias):
+  """Depthwise Conv3d((3, 1, 1), padding (1, 0, 0)) over axis 1 of x (N, T, L, C): kernel
+  (3, C), bias (C,); summed as `_shifted_sum` sums."""
+  acc = compute_dtype_at_least_f32(x.dtype)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
+  k = kernel.astype(acc)
+  out = (k[0] * xp[:, :-2].astype(acc) + k[1] * xp[:, 1:-1].astype(acc)
+         + k[2] * xp[:, 2:].astype(acc) + bias.astype(acc))
   return out.astype(x.dtype)

@@ -25,9 +25,9 @@ from flax import nnx
 
 from uniformerv2_jax.config import ModelConfig
 from uniformerv2_jax.layers import (Dense, LayerNorm, attention, attention_impl,
-                                    compute_dtype_at_least_f32, depthwise_conv3d, drop_path,
-                                    dropout, param, precision, quick_gelu, replica_groups,
-                                    token_padding, uniform, xavier_bound)
+                                    depthwise_conv3d, drop_path, dropout, param, precision,
+                                    quick_gelu, replica_groups, temporal_taps, token_padding,
+                                    uniform, xavier_bound)
 
 
 def _dtypes(cfg: ModelConfig):
@@ -106,11 +106,8 @@ class LocalMHRA(nnx.Module):
   def __call__(self, x, train: bool):
     """x: (N, T, H*W, C)."""
     h = self.down(self.bn(x, train))
-    acc = compute_dtype_at_least_f32(self.dtype)  # summed as a convolution accumulates
-    w = self.dw_kernel[...].astype(acc)
-    hp = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0))).astype(acc)
-    h = w[0] * hp[:, :-2] + w[1] * hp[:, 1:-1] + w[2] * hp[:, 2:] + self.dw_bias[...].astype(acc)
-    return self.up(h.astype(self.dtype))
+    return self.up(temporal_taps(h, self.dw_kernel[...].astype(self.dtype),
+                                 self.dw_bias[...].astype(self.dtype)))
 
 
 class MLP(nnx.Module):
