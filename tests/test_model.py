@@ -227,24 +227,53 @@ def test_depthwise_conv_implementations_agree(x64):
   from uniformerv2_jax.layers import depthwise_conv3d
   x = jax.random.normal(jax.random.key(0), (2, 4, 5, 5, 6), jnp.float64)
   k = jax.random.normal(jax.random.key(1), (3, 3, 3, 6), jnp.float64)
-  loss = lambda impl: lambda x, k: jnp.sum(depthwise_conv3d(x, k, impl) ** 2)
-  assert rel_err(depthwise_conv3d(x, k, "shift"), depthwise_conv3d(x, k, "conv")) < 1e-13
-  for g_shift, g_conv in zip(jax.grad(loss("shift"), (0, 1))(x, k), jax.grad(loss("conv"), (0, 1))(x, k)):
+  b = jax.random.normal(jax.random.key(2), (6,), jnp.float64)
+  loss = lambda impl: lambda x, k, b: jnp.sum(depthwise_conv3d(x, k, b, impl=impl) ** 2)
+  assert rel_err(depthwise_conv3d(x, k, b, impl="shift"), depthwise_conv3d(x, k, b, impl="conv")) < 1e-13
+  for g_shift, g_conv in zip(jax.grad(loss("shift"), (0, 1, 2))(x, k, b),
+                             jax.grad(loss("conv"), (0, 1, 2))(x, k, b)):
     assert rel_err(g_shift, g_conv) < 1e-13
 
 
-def test_depthwise_conv_in_bfloat16_rounds_once(x64):
-  """bfloat16 in and out, but accumulated as a convolution does: the exact result of the
-  bfloat16 inputs rounded once to bfloat16 (a bfloat16 running sum of the 27 terms is not)."""
+def _rounded_once(got, exact):
+  """Share of the bfloat16 `got` that is not `exact` (float64) rounded once to bfloat16."""
+  want = np.asarray(exact.astype(jnp.bfloat16).astype(jnp.float64))
+  return (np.asarray(got.astype(jnp.float64)) != want).mean()
+
+
+@pytest.mark.parametrize("impl", ["shift", "conv"])
+def test_depthwise_conv_in_bfloat16_rounds_once(x64, impl):
+  """bfloat16 in and out, summed as a convolution under autocast sums (float32, bias
+  included): the output and the input's gradient are the exact results of the bfloat16
+  values rounded once (a bfloat16 running sum of the 27 terms is not, for ~70% of them)."""
   from uniformerv2_jax.layers import depthwise_conv3d
   x = jax.random.normal(jax.random.key(0), (2, 8, 14, 14, 64), jnp.bfloat16)
   k = (0.2 * jax.random.normal(jax.random.key(1), (3, 3, 3, 64))).astype(jnp.bfloat16)
-  exact = depthwise_conv3d(x.astype(jnp.float64), k.astype(jnp.float64), "shift")
-  got = depthwise_conv3d(x, k, "shift")
-  assert got.dtype == jnp.bfloat16
-  differ = np.asarray(got.astype(jnp.float64)) != np.asarray(exact.astype(jnp.bfloat16)
-                                                             .astype(jnp.float64))
-  assert differ.mean() < 1e-3, differ.mean()  # f32 sums land off a bf16 tie only rarely
+  b = jax.random.normal(jax.random.key(2), (64,), jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(3), x.shape, jnp.bfloat16)  # a cotangent
+  f64 = lambda a: a.astype(jnp.float64)
+  conv = lambda impl: lambda x: depthwise_conv3d(x, k.astype(x.dtype), b.astype(x.dtype), impl=impl)
+  got, vjp = jax.vjp(conv(impl), x)
+  exact, vjp64 = jax.vjp(conv("shift"), f64(x))
+  assert got.dtype == vjp(g)[0].dtype == jnp.bfloat16
+  assert _rounded_once(got, exact) < 1e-3  # float32 sums land off a bfloat16 tie only rarely
+  assert _rounded_once(vjp(g)[0], vjp64(f64(g))[0]) < 1e-3
+
+
+def test_temporal_taps_in_bfloat16_round_once(x64):
+  """The Local MHRA's (3, 1, 1) depthwise convolution: as a float64 Conv3d of the bfloat16
+  values (torch's, an independent reference), rounded once."""
+  from uniformerv2_jax.layers import temporal_taps
+  x = jax.random.normal(jax.random.key(0), (2, 8, 50, 16), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(1), (3, 16), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (16,), jnp.bfloat16)
+  conv = torch.nn.Conv3d(16, 16, (3, 1, 1), padding=(1, 0, 0), groups=16).double()
+  with torch.no_grad():
+    conv.weight.copy_(torch.from_numpy(np.asarray(k, np.float64).T.reshape(16, 1, 3, 1, 1)))
+    conv.bias.copy_(torch.from_numpy(np.asarray(b, np.float64)))
+    exact = conv(torch.from_numpy(np.asarray(x, np.float64)).permute(0, 3, 1, 2)[..., None])
+  exact = jnp.asarray(exact[..., 0].permute(0, 2, 3, 1).numpy())
+  assert _rounded_once(temporal_taps(x, k, b), exact) < 1e-3
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5])

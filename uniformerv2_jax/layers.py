@@ -289,44 +289,47 @@ _unpadded_fused.defvjp(_unpadded_fused_fwd, _unpadded_fused_bwd)
 DEPTHWISE_IMPL = "shift"
 
 
-def depthwise_conv3d(x, kernel, impl=None):
-  """Depthwise 3-D cross-correlation, 'same' padding. x: (N, T, H, W, C); kernel (kt, kh, kw, C)."""
+def depthwise_conv3d(x, kernel, bias=None, impl=None):
+  """Depthwise 3-D cross-correlation, 'same' padding, plus bias. x: (N, T, H, W, C);
+  kernel (kt, kh, kw, C); bias (C,) or None. Low-precision inputs are summed, bias
+  included, in float32 and rounded once, as a convolution under autocast does."""
   impl = impl or DEPTHWISE_IMPL
   kt, kh, kw, c = kernel.shape
   pads = ((0, 0), (kt // 2, kt // 2), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0))
+  bias = jnp.zeros((c,), x.dtype) if bias is None else bias
   if impl == "conv":
-    return jax.lax.conv_general_dilated(
+    acc = compute_dtype_at_least_f32(x.dtype)
+    out = jax.lax.conv_general_dilated(
         x, kernel[..., None, :], window_strides=(1, 1, 1), padding=pads[1:4],
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c,
-        precision=precision(x.dtype))
-  return _shifted_sum(jnp.pad(x, pads), kernel, x.shape[1:4])
+        precision=precision(x.dtype), preferred_element_type=acc)
+    return (out + bias.astype(acc)).astype(x.dtype)
+  return _shifted_sum(jnp.pad(x, pads), kernel, bias, x.shape[1:4])
 
 
-# The elementwise depthwise convolutions sum their products in >= float32 inside the one
-# fused loop, as a convolution accumulates, and round once to the compute dtype (a bfloat16
-# running sum of the DPE's 27 terms was ~4x off). jax.checkpoint keeps their inputs, not
-# float32 copies of them, for the backward: those cost B/16 0.9 GiB a chip on v5p.
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _shifted_sum(xp, kernel, size):
-  """sum over (a, b, d) of xp[:, a:a+t, b:b+h, d:d+w] * kernel[a, b, d]; size = (t, h, w)."""
+# The elementwise depthwise convolutions (DPE, Local MHRA taps) sum in >= float32 inside one
+# fused loop and round once: a bfloat16 running sum of the DPE's 27 terms was ~4x off, in
+# the forward and (summing the input's gradient) the backward. jax.checkpoint keeps their
+# bfloat16 inputs for the backward, not float32 copies (those cost B/16 0.9 GiB a chip on v5p).
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _shifted_sum(xp, kernel, bias, size):
+  """bias + sum over (a, b, d) of xp[:, a:a+t, b:b+h, d:d+w] * kernel[a, b, d]; size (t, h, w)."""
   t, h, w = size
   acc = compute_dtype_at_least_f32(xp.dtype)
+  x32, k32 = xp.astype(acc), kernel.astype(acc)  # one cast: its gradient is summed in acc too
   out = None
   for a in range(kernel.shape[0]):
     for b in range(kernel.shape[1]):
       for d in range(kernel.shape[2]):
-        term = xp[:, a:a + t, b:b + h, d:d + w].astype(acc) * kernel[a, b, d].astype(acc)
+        term = x32[:, a:a + t, b:b + h, d:d + w] * k32[a, b, d]
         out = term if out is None else out + term
-  return out.astype(xp.dtype)
+  return (out + bias.astype(acc)).astype(xp.dtype)
 
 
-@jax.checkpoint
 def temporal_taps(x, kernel, bias):
   """Depthwise Conv3d((3, 1, 1), padding (1, 0, 0)) over axis 1 of x (N, T, L, C): kernel
   (3, C), bias (C,); summed as `_shifted_sum` sums."""
-  acc = compute_dtype_at_least_f32(x.dtype)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
-  k = kernel.astype(acc)
-  out = (k[0] * xp[:, :-2].astype(acc) + k[1] * xp[:, 1:-1].astype(acc)
-         + k[2] * xp[:, 2:].astype(acc) + bias.astype(acc))
-  return out.astype(x.dtype)
+  n, t, length, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))).reshape(n, t + 2, length, 1, c)
+  out = _shifted_sum(xp, kernel.reshape(3, 1, 1, c), bias, (t, length, 1))
+  return out.reshape(n, t, length, c)

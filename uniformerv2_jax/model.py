@@ -221,8 +221,8 @@ class DepthwiseConv3d(nnx.Module):
 
   def __call__(self, x):
     """x: (N, T, H, W, C)."""
-    y = depthwise_conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return depthwise_conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                            self.bias[...].astype(self.dtype))
 
 
 class GlobalAggregator(nnx.Module):
