@@ -141,6 +141,18 @@ def test_head_map_reads_a_named_head_by_name(tmp_path):
       "k400", "k600", "k400", None]
 
 
+def test_a_folder_named_like_a_builtin_map_does_not_hide_it(tmp_path, monkeypatch):
+  """`convert --output k400` leaves a folder k400 where the next command runs."""
+  from uniformerv2_jax import heads
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "k400").mkdir()
+  assert heads.builtin_name("k400") == "k400"
+  assert len(heads.load_index_map("k400")) == 400
+  (tmp_path / "rows").mkdir()
+  with pytest.raises(ValueError, match="head map 'rows': no such file"):
+    heads.load_index_map("rows")
+
+
 def test_head_class_names(saved, tmp_path):
   """The names that go with the head load_pretrained returns, with and without a head map."""
   from uniformerv2_jax import heads

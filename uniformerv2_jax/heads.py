@@ -59,7 +59,7 @@ def load_index_map(name_or_path: str | os.PathLike | Sequence[int]) -> np.ndarra
     stem = builtin_name(key)
     if stem is not None:
       text, where = (_label_maps_dir() / f"map_{stem}.json").read_text(), f"map_{stem}.json"
-    elif os.path.exists(key):
+    elif os.path.isfile(key):
       with open(key) as f:
         text, where = f.read(), key
     else:
@@ -84,7 +84,7 @@ def builtin_name(name_or_path) -> str | None:
     return None
   key = os.fspath(name_or_path)
   stem = key.lower().removeprefix("map_").removesuffix(".json")
-  if stem in BUILTIN and not os.path.exists(key):
+  if stem in BUILTIN and not os.path.isfile(key):  # a folder named k400 does not hide it
     return stem
   base = os.path.basename(key).lower().removeprefix("map_").removesuffix(".json")
   packaged = _label_maps_dir() / f"map_{base}.json"
