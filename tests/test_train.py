@@ -228,8 +228,8 @@ def test_resume_with_another_model_is_named_as_such(runs, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(runs[0], run)
   config = tiny_config({"model.num_classes": 6, "dataset.num_classes": 6})
-  with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another model config: "
-                     r"num_classes: 5 -> 6\. Resume it with the config it was started with"):
+  with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another model config "
+                     r"\(num_classes: 5 -> 6\)\. Resume it with the config it was started with"):
     train_and_evaluate(config, str(run))
 
 
@@ -243,11 +243,13 @@ def test_resume_with_another_input_stream_is_refused(runs, tmp_path):
   from uniformerv2_jax.training.loop import train_and_evaluate
   run = tmp_path / "run"
   shutil.copytree(runs[0], run)
-  stream = r"another input stream, whose steps count its data position and schedule: "
-  for change, named in (({"train.global_batch_size": 8}, stream + "global_batch_size: 16 -> 8"),
-                        ({"train.seed": 1}, stream + "seed: 0 -> 1"),
-                        ({"train.seed": 1, "model.num_classes": 6, "dataset.num_classes": 6},
-                         r"another model config: num_classes: 5 -> 6 and " + stream + "seed")):
+  stream = r"another input stream \("
+  counted = r"; the data position and the schedule are counted in its steps\)\. Resume it"
+  for change, named in (
+      ({"train.global_batch_size": 8}, stream + "global_batch_size: 16 -> 8" + counted),
+      ({"train.seed": 1}, stream + "seed: 0 -> 1" + counted),
+      ({"train.seed": 1, "model.num_classes": 6, "dataset.num_classes": 6},
+       r"another model config \(num_classes: 5 -> 6\) and " + stream + "seed: 0 -> 1" + counted)):
     with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with " + named):
       train_and_evaluate(tiny_config(change), str(run))
   # a checkpoint from before the stream was recorded: its steps_per_epoch still counts

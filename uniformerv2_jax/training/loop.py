@@ -136,13 +136,14 @@ def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
   saved = ModelConfig.from_dict(meta["model_config"])
   model = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in FIELDS
            if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)]
-  # checkpoints from before the stream was recorded hold only steps_per_epoch
-  saved_stream = meta.get("input_stream", {"steps_per_epoch": meta.get("steps_per_epoch")})
+  saved_stream = meta.get("input_stream")
+  if saved_stream is None:  # saved before the stream was recorded: only steps_per_epoch
+    saved_stream = {k: v for k, v in meta.items() if k == "steps_per_epoch"}
   inputs = [f"{k}: {v!r} -> {stream[k]!r}" for k, v in saved_stream.items()
-            if k in stream and v is not None and v != stream[k]]
-  parts = ([f"model config: {'; '.join(model)}"] if model else []) + (
-      [f"input stream, whose steps count its data position and schedule: {'; '.join(inputs)}"]
-      if inputs else [])
+            if k in stream and v != stream[k]]
+  parts = ([f"model config ({'; '.join(model)})"] if model else []) + (
+      [f"input stream ({'; '.join(inputs)}; the data position and the schedule are counted in "
+       "its steps)"] if inputs else [])
   if parts:
     raise config_check.ConfigError(
         f"{directory}/{step} was trained with another {' and another '.join(parts)}. Resume it "
