@@ -290,8 +290,8 @@ def test_named_config_without_its_manual_dir_says_so(tmp_path, capsys):
 
 
 def test_own_lists_without_video_root_read_from_the_current_folder(tmp_path, monkeypatch):
-    """Relative list paths and no --video_root: relative to where the command runs (no
-    manual_dir is involved)."""
+    """Relative list paths and no --video_root: relative to where the command runs, or to
+    --manual_dir when it is given."""
     from uniformerv2_jax.data.build import main
     write_video(tmp_path / "v0.mp4", np.full((4, 16, 16, 3), 40, np.uint8))
     (tmp_path / "classes.txt").write_text("a\nb\n")
@@ -301,3 +301,8 @@ def test_own_lists_without_video_root_read_from_the_current_folder(tmp_path, mon
                  "--data_dir", "tfds", "--num_workers", "1"]) == 0
     built = tfds.builder_from_directory(str(tmp_path / "tfds/video_classification/mine/1.0.0"))
     assert stored(built)["v0.mp4"][0] == 1
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["--config", "mine2", "--manual_dir", str(tmp_path), "--train_list", "train.txt",
+                 "--classes", str(tmp_path / "classes.txt"), "--data_dir", str(tmp_path / "tfds"),
+                 "--num_workers", "1"]) == 0

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train_list")
     p.add_argument("--val_list")
     p.add_argument("--video_root", default="",
-                   help="folder the list paths are relative to (default: the current folder)")
+                   help="folder the list paths are relative to (default: --manual_dir, else "
+                        "the current folder)")
     p.add_argument("--classes", help="class-name file (one name a line) or k400/k600/.../sthv2")
     p.add_argument("--short_side", type=int, default=None, help="default: the config's (320)")
     p.add_argument("--keep_size", action="store_true", help="store frames at the source size")
@@ -74,9 +75,11 @@ def config_from_args(args) -> VideoConfig:
             raise SystemExit(f"--config {args.config} is not a named config ({', '.join(named)})"
                              ": for your own lists give --train_list and/or --val_list, "
                              "--classes (and usually --video_root)")
-        lists = {s: os.path.abspath(v) for s, v in lists.items()}  # no manual_dir needed
+        # relative paths: inside --manual_dir when given, else the current folder
+        base = os.path.abspath(args.manual_dir or os.curdir)
+        lists = {s: os.path.join(base, v) for s, v in lists.items()}
         cfg = VideoConfig(name=args.config, annotations=lists, class_names=args.classes,
-                          video_roots={s: os.path.abspath(args.video_root) for s in lists})
+                          video_roots={s: os.path.join(base, args.video_root) for s in lists})
     changes = {k: getattr(args, k) for k in ("short_side", "fps", "max_fps", "on_unknown_label")
                if getattr(args, k) is not None}
     if args.keep_size:
