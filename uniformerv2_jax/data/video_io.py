@@ -52,24 +52,21 @@ def _source_fps(stream) -> float | None:
     return float(rate) if rate else None
 
 
-def _listed_frames(stream) -> int:
-    """The frames a file says it shows: its index's count (0 when it has none, as webm),
-    capped by the stream's duration, which follows an edit list (a clip cut by stream copy
-    indexes the frames before its start too, and the decoder drops them)."""
+def _check_complete(path, stream, decoded: int, last_time: float | None) -> None:
+    """A file that decodes to many fewer frames than its index lists (a download cut short)
+    is corrupt: FFmpeg's frame-threaded decoders end such a stream quietly, and the upstream's
+    reader, which samples from the listed count, would fail on it. A clip cut by stream copy
+    (an edit list) also indexes frames the decoder drops, but its duration ends where the
+    decoded frames end. A frame or two fewer is normal; webm lists no count (0)."""
     listed, rate = stream.frames, _source_fps(stream)
-    if listed and stream.duration and stream.time_base and rate:
-        listed = min(listed, round(float(stream.duration * stream.time_base) * rate))
-    return listed
-
-
-def _check_complete(path, decoded: int, listed: int) -> None:
-    """A file that decodes to many fewer frames than it lists (a download cut short) is
-    corrupt. FFmpeg's frame-threaded decoders end such a stream quietly, and the upstream's
-    reader, which samples from the listed count, would fail on it. A frame or two fewer
-    (rounding, a dropped pre-roll) is normal."""
-    if listed and listed - decoded > max(2, 0.02 * listed):
-        raise VideoDecodeError(path, f"truncated or corrupt: decoded {decoded} of the {listed} "
-                                     "frames its index lists; re-download or remove it")
+    if not listed or listed - decoded <= max(2, 0.02 * listed):
+        return
+    if stream.duration and stream.time_base and rate and last_time is not None:
+        end = float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+        if end - last_time <= max(2 / rate, 0.02 * end):
+            return
+    raise VideoDecodeError(path, f"truncated or corrupt: decoded {decoded} of the {listed} "
+                                 "frames its index lists; re-download or remove it")
 
 
 def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
@@ -92,9 +89,10 @@ def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
         # would otherwise lose one frame in 300 and shift every later one.
         keep_all = not src or not target or target >= src / FPS_TOLERANCE
         out_fps = src if keep_all else target
-        t0, last_slot, count = None, -1, 0
+        t0, last_slot, count, last_time = None, -1, 0, None
         for frame in container.decode(stream):
             count += 1
+            last_time = frame.time if frame.time is not None else last_time
             if not keep_all:
                 t = frame.time if frame.time is not None else (count - 1) / src
                 t0 = t if t0 is None else t0
@@ -103,7 +101,7 @@ def iter_frames(path, *, fps: float | None = None, max_fps: float | None = None,
                     continue
                 last_slot = slot
             yield frame, float(out_fps or 0.0)
-        _check_complete(path, count, _listed_frames(stream))
+        _check_complete(path, stream, count, last_time)
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"decoding failed (corrupt stream): {e}") from e
     finally:
