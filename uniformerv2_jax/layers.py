@@ -290,46 +290,75 @@ DEPTHWISE_IMPL = "shift"
 
 
 def depthwise_conv3d(x, kernel, bias=None, impl=None):
-  """Depthwise 3-D cross-correlation, 'same' padding, plus bias. x: (N, T, H, W, C);
-  kernel (kt, kh, kw, C); bias (C,) or None. Low-precision inputs are summed, bias
-  included, in float32 and rounded once, as a convolution under autocast does."""
+  """Depthwise 3-D cross-correlation, 'same' padding (odd kernel sizes), plus bias.
+  x: (N, T, H, W, C); kernel (kt, kh, kw, C); bias (C,) or None. Low-precision inputs are
+  summed, bias included, in float32 and rounded once, as a convolution under autocast is."""
   impl = impl or DEPTHWISE_IMPL
-  kt, kh, kw, c = kernel.shape
-  pads = ((0, 0), (kt // 2, kt // 2), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0))
+  c = kernel.shape[-1]
   bias = jnp.zeros((c,), x.dtype) if bias is None else bias
   if impl == "conv":
     acc = compute_dtype_at_least_f32(x.dtype)
     out = jax.lax.conv_general_dilated(
-        x, kernel[..., None, :], window_strides=(1, 1, 1), padding=pads[1:4],
+        x, kernel[..., None, :], window_strides=(1, 1, 1), padding=_same(kernel.shape)[1:4],
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=c,
         precision=precision(x.dtype), preferred_element_type=acc)
     return (out + bias.astype(acc)).astype(x.dtype)
-  return _shifted_sum(jnp.pad(x, pads), kernel, bias, x.shape[1:4])
+  return _shifted_conv(x, kernel, bias)
 
 
-# The elementwise depthwise convolutions (DPE, Local MHRA taps) sum in >= float32 inside one
-# fused loop and round once: a bfloat16 running sum of the DPE's 27 terms was ~4x off, in
-# the forward and (summing the input's gradient) the backward. jax.checkpoint keeps their
-# bfloat16 inputs for the backward, not float32 copies (those cost B/16 0.9 GiB a chip on v5p).
-@functools.partial(jax.checkpoint, static_argnums=(3,))
-def _shifted_sum(xp, kernel, bias, size):
-  """bias + sum over (a, b, d) of xp[:, a:a+t, b:b+h, d:d+w] * kernel[a, b, d]; size (t, h, w)."""
+def _same(kernel_shape):
+  kt, kh, kw, _ = kernel_shape
+  return ((0, 0), (kt // 2, kt // 2), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0))
+
+
+def _tap_sum(xp, kernel, size):
+  """sum over (a, b, d) of xp[:, a:a+t, b:b+h, d:d+w] * kernel[a, b, d], each product and
+  the sum in >= float32 (unrounded); size = (t, h, w). One fused loop: the casts happen
+  per slice, so no float32 copy of xp is made."""
   t, h, w = size
   acc = compute_dtype_at_least_f32(xp.dtype)
-  x32, k32 = xp.astype(acc), kernel.astype(acc)  # one cast: its gradient is summed in acc too
   out = None
   for a in range(kernel.shape[0]):
     for b in range(kernel.shape[1]):
       for d in range(kernel.shape[2]):
-        term = x32[:, a:a + t, b:b + h, d:d + w] * k32[a, b, d]
+        term = xp[:, a:a + t, b:b + h, d:d + w].astype(acc) * kernel[a, b, d].astype(acc)
         out = term if out is None else out + term
-  return (out + bias.astype(acc)).astype(xp.dtype)
+  return out
+
+
+# The elementwise depthwise convolutions (DPE, Local MHRA taps) sum in >= float32 and round
+# once, forward and backward, as torch's kernels do under autocast: a bfloat16 running sum of
+# the DPE's 27 terms was ~4x off, and so was JAX's own derivative of the per-slice casts for
+# the input's gradient (it rounds each tap's share to bfloat16 before adding). Casting the
+# whole input once instead cost B/16 a float32 copy, ~1 GiB a chip on v5p.
+@jax.custom_vjp
+def _shifted_conv(x, kernel, bias):
+  return _shifted_conv_fwd(x, kernel, bias)[0]
+
+
+def _shifted_conv_fwd(x, kernel, bias):
+  out = _tap_sum(jnp.pad(x, _same(kernel.shape)), kernel, x.shape[1:4])
+  return (out + bias.astype(out.dtype)).astype(x.dtype), (x, kernel, bias)
+
+
+def _shifted_conv_bwd(residuals, g):
+  x, kernel, bias = residuals
+  size, acc = x.shape[1:4], compute_dtype_at_least_f32(x.dtype)
+  # d/dx: the same correlation of the output's gradient with the flipped kernel
+  dx = _tap_sum(jnp.pad(g, _same(kernel.shape)), kernel[::-1, ::-1, ::-1], size)
+  # d/dkernel: JAX's own derivative (one float32 reduction a tap)
+  xp = jnp.pad(x, _same(kernel.shape))
+  dk = jax.vjp(lambda k: _tap_sum(xp, k, size), kernel)[1](g.astype(acc))[0]
+  db = g.astype(acc).sum(axis=(0, 1, 2, 3))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype), db.astype(bias.dtype)
+
+
+_shifted_conv.defvjp(_shifted_conv_fwd, _shifted_conv_bwd)
 
 
 def temporal_taps(x, kernel, bias):
   """Depthwise Conv3d((3, 1, 1), padding (1, 0, 0)) over axis 1 of x (N, T, L, C): kernel
-  (3, C), bias (C,); summed as `_shifted_sum` sums."""
+  (3, C), bias (C,); summed as the DPE's depthwise convolution."""
   n, t, length, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))).reshape(n, t + 2, length, 1, c)
-  out = _shifted_sum(xp, kernel.reshape(3, 1, 1, c), bias, (t, length, 1))
+  out = _shifted_conv(x.reshape(n, t, length, 1, c), kernel.reshape(3, 1, 1, c), bias)
   return out.reshape(n, t, length, c)
