@@ -283,9 +283,10 @@ _unpadded_fused.defvjp(_unpadded_fused_fwd, _unpadded_fused_bwd)
 
 # How depthwise 3-D convolutions run: "conv" (XLA/cuDNN grouped convolution) or "shift"
 # (a sum of shifted, scaled copies, which XLA fuses into one loop). Same numbers.
-# Measured on an H100 (B/16 train step): shift 102 ms vs conv 121 ms. Differentiating
-# shift by hand was slower than JAX's own derivative: the kernel gradient from the
-# convolution's backward 104 vs 95 ms, from one stacked reduction 112 vs 101 ms.
+# Measured on an H100 (B/16 train step, bfloat16 sums): shift 102 ms vs conv 121 ms. The kernel
+# gradient by hand was slower than JAX's own derivative (from the convolution's backward 104 vs
+# 95 ms, from one stacked reduction 112 vs 101 ms), so it stays JAX's; the input gradient is by
+# hand since the float32 sums (see _shifted_conv), not yet timed on a GPU.
 DEPTHWISE_IMPL = "shift"
 
 
