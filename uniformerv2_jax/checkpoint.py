@@ -267,26 +267,18 @@ def head_class_names(directory: str, head_map=None) -> list[str] | None:
 
 
 def head_rows(directory: str, head_map) -> np.ndarray:
-  """The rows of `directory`'s head that ``load_pretrained(head_map=head_map)`` takes.
-
-  A built-in map (``k400|k600|k700``) lists rows of a head in the Kinetics-710 class order.
-  When the checkpoint names its head's classes, the rows are found by name instead (for the
-  Kinetics-710 order the two agree), so a 710-way head trained in another order is read
-  right. Custom maps (a JSON file or a list) are taken as they are.
-  """
+  """The rows of `directory`'s head that ``load_pretrained(head_map=head_map)`` takes: by its
+  class names when it lists them (`heads.index_map_for`)."""
   from uniformerv2_jax import heads
-  name = heads.builtin_name(head_map)
-  own = read_class_names(directory) if name else None
-  if own is None or own == heads.builtin_class_names("k710"):
-    return heads.load_index_map(head_map)
+  names = read_class_names(directory) if heads.builtin_name(head_map) else None
   try:
-    return heads.index_map_from_names(own, heads.builtin_class_names(name))
+    return heads.index_map_for(head_map, names)
   except ValueError as e:
-    raise CheckpointError(
-        f"{directory}: head_map {head_map!r} takes {name.upper()}'s classes by name, but the "
-        f"{len(own)} classes this checkpoint names do not include them all ({e}). "
-        "Evaluate it without head_map on the dataset it was trained for, or give head_map as "
-        "a JSON file listing the head row of each target class.") from None
+    if names is None:
+      raise
+    raise CheckpointError(f"{directory}: {e}. Evaluate it without head_map on the dataset it "
+                          "was trained for, or give head_map as a JSON file listing the head "
+                          "row of each target class.") from None
 
 
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:

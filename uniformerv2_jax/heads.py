@@ -93,6 +93,21 @@ def builtin_name(name_or_path) -> str | None:
   return None
 
 
+def index_map_for(head_map, source_names: Sequence[str] | None = None) -> np.ndarray:
+  """The source-head rows `head_map` picks. A built-in map (k400|k600|k700) lists rows of
+  the Kinetics-710 order; a source head that names its classes in another order gets its
+  rows by name (for the K710 order the two agree). Custom maps are taken as they are."""
+  name = builtin_name(head_map)
+  if name is None or source_names is None or list(source_names) == builtin_class_names("k710"):
+    return load_index_map(head_map)
+  try:
+    return index_map_from_names(source_names, builtin_class_names(name))
+  except ValueError as e:
+    raise ValueError(f"head_map {head_map!r} takes {name.upper()}'s classes by name, but the "
+                     f"{len(source_names)} classes this head names do not include them all "
+                     f"({e})") from None
+
+
 def remap_head(tree: Mapping[str, Any], index_map) -> dict:
   """Pure weight tree with head.fc (C, S) -> (C, len(map)): target class i = source row map[i].
 

@@ -99,8 +99,7 @@ def config_from_args(args) -> VideoConfig:
 def _built_dir(data_dir, config) -> str | None:
     """The dataset folder of ``config`` under ``data_dir`` when it is already built."""
     from .builder import VideoClassification
-    folder = os.path.join(data_dir, VideoClassification.name, config.name,
-                          str(VideoClassification.VERSION))
+    folder = os.fspath(VideoClassification(config=config, data_dir=data_dir).data_dir)
     return folder if os.path.isfile(os.path.join(folder, "dataset_info.json")) else None
 
 
