@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU: environment, golden checks on the device, then each
-# benchmark invocation given as a quoted argument (optionally prefixed by XLA_FLAGS=...);
+# One prepared run on a lent GPU: environment, each benchmark invocation given as a quoted
+# argument (optionally prefixed by XLA_FLAGS=...), then the golden checks on the device;
 # an argument starting with "profile " runs benchmarks/profile_step.py with the rest.
 #   bash benchmarks/gpu_session.sh "--models b16 --modes train" "XLA_FLAGS=--foo --models b16" \
 #     "profile --model b16 --mode inference --batch 64"
@@ -10,8 +10,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import flax,sys; v=tuple(int(x) for x in flax.__version__.split('.')[:3]); sys.exit(v < (0,12,8))" || {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.; }
 python3 -c "import flax, jax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py \
-  -k "float32 or bfloat16 or float64_matches" 2>&1 | tail -3
 for run in "$@"; do
   case "$run" in profile\ *)
     echo "== profile_step.py ${run#profile }"
@@ -21,3 +19,6 @@ for run in "$@"; do
   echo "== XLA_FLAGS='$flags' $run"
   XLA_FLAGS="$flags" python3 benchmarks/model_throughput.py $run 2>&1 | grep -E "^\||^Device"
 done
+echo "== golden tests on the device"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py \
+  -k "float32 or bfloat16 or float64_matches" 2>&1 | tail -3
