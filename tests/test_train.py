@@ -116,17 +116,24 @@ def test_train_step_with_on_device_randaugment(tmp_path, monkeypatch):
     calls.clear()
 
 
-def test_recipe_input_path_end_to_end(tmp_path):
+def test_recipe_input_path_end_to_end(tmp_path, capsys, monkeypatch):
   """The recipes' default input: RandAugment of the whole frames on the host, through a real
-  (synthetic) dataset, into the jitted step, on one CPU."""
+  (synthetic) dataset, into the jitted step, on one CPU. Frames stored below the crop size
+  (the @336 recipes on a short-side-320 build; here pretended) are noted once."""
   from configs import demo
+  from uniformerv2_jax.training import data_io
   from uniformerv2_jax.training.loop import train_and_evaluate
   c = demo.get_config()
   c.dataset.update(data_dir=str(tmp_path / "data"), num_train=16, num_val=8)
   c.input.update(randaugment=True, randaugment_on="frames")
   c.train.update(global_batch_size=8, epochs=1, eval_every_epochs=1, checkpoint_every_steps=100)
+  monkeypatch.setattr(data_io, "stored_short_side", lambda builder: 24)
   summary = train_and_evaluate(c, str(tmp_path / "work"))
   assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+  out = capsys.readouterr().out
+  assert out.count("train: note: the frames are stored at short side 24, so the 32-pixel crops "
+                   "are upscaled from them") == 1, out
+  assert "data.build --short_side 32 or --keep_size" in out
 
 
 def test_slow_input_is_reported(tmp_path, capsys, monkeypatch):

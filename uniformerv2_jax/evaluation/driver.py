@@ -189,7 +189,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   from uniformerv2_jax import data
   from uniformerv2_jax.checkpoint import read_config, resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
-  from uniformerv2_jax.training.data_io import num_classes
+  from uniformerv2_jax.training.data_io import num_classes, stored_short_side, upscale_note
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))
@@ -204,12 +204,9 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
                                      data_classes=num_classes(builder))
   spatial = _get(ev, "spatial", "mmaction2")
-  short_side = (builder.info.metadata or {}).get("short_side")
-  if short_side and short_side < int(config.input.crop_size) and jax.process_index() == 0:
-    _log(f"eval: note: the frames are stored at short side {short_side}, so the "
-         f"{config.input.crop_size}-pixel views are upscaled from them (the upstream resizes "
-         f"the source video); rebuild with data.build --short_side {config.input.crop_size} "
-         "or --keep_size to match it")
+  note = upscale_note(config, builder, "eval")
+  if note and jax.process_index() == 0:
+    _log(note)
   num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
   num_views = num_clips * num_crops
   per_host = global_batch_size(mesh, int(ev.per_device_batch)) // jax.process_count()
@@ -232,7 +229,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                           f"in that many batches of {per_host}; raise it")
   protocol = dict(num_clips=num_clips, num_crops=num_crops, spatial=spatial, aggregate=aggregate,
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size),
-                  model_t_size=model_t_size, stored_short_side=short_side,
+                  model_t_size=model_t_size, stored_short_side=stored_short_side(builder),
                   dtype=str(model.config.dtype), attention=_attention(model.config))
   extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,

@@ -67,6 +67,24 @@ def class_names(builder) -> list[str] | None:
   return names if names and names != [str(i) for i in range(len(names))] else None
 
 
+def stored_short_side(builder) -> int | None:
+  """The short side the dataset's frames were resized to when built (None: source size)."""
+  return None if builder is None else (builder.info.metadata or {}).get("short_side")
+
+
+def upscale_note(config, builder, tool: str) -> str | None:
+  """A note when the stored frames are smaller than the crops (the @336 recipes on a dataset
+  built at the default short side 320)."""
+  short, crop = stored_short_side(builder), int(config.input.crop_size)
+  if not short or short >= crop:
+    return None
+  views = "views are" if tool == "eval" else "crops are"
+  return (f"{tool}: note: the frames are stored at short side {short}, so the {crop}-pixel "
+          f"{views} upscaled from them (the upstream takes them from the source video); rebuild with "
+          f"data.build --short_side {crop} or --keep_size to match it, and set "
+          "--config.dataset.name to the dataset it names")
+
+
 def steps_per_epoch(config, builder, per_host: int) -> int:
   """Train steps per epoch (every host reads n / process_count videos)."""
   n = split_size(config, builder, config.dataset.train_split)

@@ -187,6 +187,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except ValueError as e:  # no built dataset in the folder, or several
     raise config_check.ConfigError(f"config.dataset: {e}") from None
   data_io.check_classes(config, builder)
+  note = data_io.upscale_note(config, builder, "train")
+  if note:
+    log(note)
   per_host = tc.global_batch_size // pc
   steps_per_epoch = tc.steps_per_epoch or data_io.steps_per_epoch(config, builder, per_host)
   total_steps = int(round(tc.epochs * steps_per_epoch))
