@@ -38,7 +38,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines off the console
-  distributed.maybe_initialize()
+  try:
+    distributed.maybe_initialize()
+  except distributed.DistributedError as e:
+    sys.exit(f"error: {e}")
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value

@@ -1,7 +1,7 @@
 """Train UniFormerV2: `python train.py --config=configs/k710_b16.py --workdir=DIR`.
 
 The same command runs on one CPU, eight GPUs or a Cloud TPU pod. Multi-host: on Cloud TPU
-and SLURM `jax.distributed.initialize()` finds its peers; elsewhere pass
+and in an srun step `jax.distributed.initialize()` finds its peers; elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. A workdir that holds
 checkpoints resumes. `--aot_topology=v5p:4x4x4` compiles the train step for a TPU slice
 on this machine and prints its memory and estimated step time instead of training.
@@ -42,7 +42,10 @@ def main(argv):
     return
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required")
-  distributed.maybe_initialize()
+  try:
+    distributed.maybe_initialize()
+  except distributed.DistributedError as e:
+    sys.exit(f"error: {e}")
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.training.loop import TrainingDiverged, train_and_evaluate
   try:

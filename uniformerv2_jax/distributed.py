@@ -1,10 +1,28 @@
-"""Multi-host start-up shared by train.py and eval.py (`jax.distributed`)."""
+"""Multi-host start-up shared by train.py and eval.py (`jax.distributed`).
+
+`jax.distributed.initialize()` finds its peers by itself on a Cloud TPU VM (GCE metadata), on
+GKE TPU nodes and multislice (TPU_* / MEGASCALE_* variables) and inside a SLURM step that srun
+started with several tasks. Elsewhere (several GPU hosts, CPU hosts) the flags name them. A
+single process, a lone GPU machine, or an sbatch shell without srun runs without it.
+"""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 
 from absl import flags
+
+# What srun sets in each task of a step (JAX's SLURM detection reads these).
+SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                   "SLURM_LOCALID")
+TPU_CLUSTER_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                    "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+class DistributedError(RuntimeError):
+  """The processes of a multi-host run could not find each other."""
 
 
 def define_flags() -> None:
@@ -14,16 +32,45 @@ def define_flags() -> None:
   flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (gloo|mpi).")
 
 
-def maybe_initialize(values=None) -> None:
-  """jax.distributed.initialize() from explicit flags, or auto-detected on Cloud TPU / SLURM."""
+def tpu_vm() -> bool:
+  """TPU chips attached to this machine: libtpu installed and TPU device nodes present
+  (/dev/accel* up to v4 and v5e, /dev/vfio/N from v5p on). libtpu alone, as on a CPU host that
+  compiles ahead of time for a TPU topology, is not a TPU VM."""
+  return (importlib.util.find_spec("libtpu") is not None
+          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
+def cluster(environ=None, on_tpu_vm=None) -> str | None:
+  """Which cluster jax.distributed can detect by itself here, or None."""
+  env = os.environ if environ is None else environ
+  if any(k in env for k in TPU_CLUSTER_VARS):
+    return "Cloud TPU (GKE or multislice)"
+  if all(k in env for k in SLURM_STEP_VARS):
+    return "SLURM" if env["SLURM_NTASKS"] != "1" else None
+  if on_tpu_vm if on_tpu_vm is not None else tpu_vm():
+    return "Cloud TPU VM"
+  return None
+
+
+def maybe_initialize(values=None, environ=None, on_tpu_vm=None) -> None:
+  """jax.distributed.initialize() from explicit flags or JAX_COORDINATOR_ADDRESS, or auto-detected
+  on Cloud TPU and in a multi-task SLURM step; nothing for a single process."""
   import jax
   values = values or flags.FLAGS
+  env = os.environ if environ is None else environ
   if values.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", values.cpu_collectives)
-  if values.coordinator_address or values.num_processes:
+  if values.coordinator_address or values.num_processes or "JAX_COORDINATOR_ADDRESS" in env:
     jax.distributed.initialize(coordinator_address=values.coordinator_address,
                                num_processes=values.num_processes, process_id=values.process_id)
-  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                     "MEGASCALE_COORDINATOR_ADDRESS")) and \
-      os.environ.get("SLURM_NTASKS", "2") != "1":
-    jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM)
+    return
+  where = cluster(env, on_tpu_vm)
+  if where is None:
+    return
+  try:
+    jax.distributed.initialize()  # JAX's own cluster detection
+  except (ValueError, RuntimeError) as e:
+    raise DistributedError(
+        f"multi-host start-up on {where} failed: {str(e).splitlines()[0].rstrip('.')}. Pass "
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I to name the peers "
+        "(under SLURM, start one process per task with srun).") from None

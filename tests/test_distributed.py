@@ -1,0 +1,64 @@
+"""Multi-host start-up: when jax.distributed.initialize() is called, and with what."""
+
+import types
+
+import jax
+import pytest
+
+from uniformerv2_jax import distributed
+
+SRUN = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+NO_FLAGS = types.SimpleNamespace(coordinator_address=None, num_processes=None, process_id=None,
+                                 cpu_collectives=None)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  made = []
+
+  def initialize(**kwargs):
+    made.append(kwargs)
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  return made
+
+
+@pytest.mark.parametrize("environ, on_tpu_vm, expected", [
+    ({}, False, None),                                    # a lone process, a GPU machine
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, False, None),  # an sbatch shell, no srun
+    (dict(SRUN, SLURM_NTASKS="1"), False, None),          # srun with one task
+    (SRUN, False, "SLURM"),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, False, "Cloud TPU (GKE or multislice)"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "a"}, False, "Cloud TPU (GKE or multislice)"),
+    ({}, True, "Cloud TPU VM"),                            # gcloud ... tpu-vm ssh --worker=all
+])
+def test_cluster_detection(environ, on_tpu_vm, expected, calls):
+  assert distributed.cluster(environ, on_tpu_vm) == expected
+  distributed.maybe_initialize(NO_FLAGS, environ, on_tpu_vm)
+  assert calls == ([] if expected is None else [{}])
+
+
+def test_flags_and_coordinator_variable_win(calls):
+  values = types.SimpleNamespace(coordinator_address="h:1234", num_processes=2, process_id=1,
+                                 cpu_collectives=None)
+  distributed.maybe_initialize(values, {}, False)
+  distributed.maybe_initialize(NO_FLAGS, {"JAX_COORDINATOR_ADDRESS": "h:1"}, False)
+  assert calls == [dict(coordinator_address="h:1234", num_processes=2, process_id=1),
+                   dict(coordinator_address=None, num_processes=None, process_id=None)]
+
+
+def test_detection_that_fails_says_what_to_pass(monkeypatch):
+  def initialize():
+    raise ValueError("coordinator_address should be defined.\nmore")
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  with pytest.raises(distributed.DistributedError,
+                     match=r"multi-host start-up on Cloud TPU VM failed: coordinator_address "
+                     r"should be defined\. Pass --coordinator_address=HOST:PORT"):
+    distributed.maybe_initialize(NO_FLAGS, {}, True)
+
+
+def test_this_machine_is_no_tpu_vm():
+  """libtpu may be installed here (ahead-of-time TPU compiles); without TPU device nodes this
+  is not a TPU VM, and a plain run starts no distributed system."""
+  assert not distributed.tpu_vm()
+  assert distributed.cluster({}) is None
