@@ -60,11 +60,12 @@ def test_two_processes_killed_and_resumed_match_uninterrupted(tmp_path):
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
 
   # The run the two hosts wrote reads as a model on one process (convert, eval on a
-  # workstation) and on two, sharded over fsdp (eval.py or init_from on the same pod).
+  # workstation) and on two, sharded over fsdp (eval.py or init_from on the same pod), even
+  # when the second host lists a newer step than the first (a save landing in between).
   sys.path.insert(0, os.path.dirname(HELPER))
   from train_helper import flat_weights
   from uniformerv2_jax.checkpoint import load_weights_tree
-  finish(launch(full, "load", {"mesh.data": 1, "mesh.fsdp": 2}))
+  finish(launch(full, "load", {"mesh.data": 1, "mesh.fsdp": 2, "phantom_step_on_process": 1}))
   for loaded in (flat_weights(load_weights_tree(full)[1]), np.load(full / "loaded_2.npz")):
     assert sorted(loaded) == sorted(k for k in a.files if k != "step")
     for k in loaded:

@@ -88,6 +88,28 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert str(summary["steps"]) in os.listdir(tmp_path / "checkpoints")
 
 
+def test_preemption_at_an_eval_step_saves_first_and_evaluates_on_resume(tmp_path, capsys,
+                                                                         monkeypatch):
+  """A grace period is short: the save comes before a (long) evaluation, which the resumed
+  run makes up before training on."""
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import tiny_config
+  from uniformerv2_jax.training.checkpointing import PreemptionWatcher
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  config = tiny_config({"train.epochs": 2, "train.checkpoint_every_steps": 100})
+  monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: step == 4)  # an eval step
+  first = train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert first["preempted"] and first["steps"] == 4 and first["history"] == [], out
+  assert "Preemption signal: saving step 4 first; its evaluation runs on resume" in out
+  assert "eval step" not in out and os.listdir(tmp_path / "checkpoints") == ["4"]
+  monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: False)
+  second = train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert [h["step"] for h in second["history"]] == [4, 8], out
+  assert out.index("eval step 4:") < out.index("step 5/8"), out
+
+
 def test_train_step_with_on_device_randaugment(tmp_path, monkeypatch):
   """randaugment_on="crops": uint8 clips, RandAugment (the config's m and n) + normalisation in
   the step; without RandAugment the step has none."""
@@ -198,6 +220,35 @@ def test_run_reads_as_a_model(runs, tmp_path):
   (empty / "checkpoints").mkdir(parents=True)
   with pytest.raises(CheckpointError, match="without a finished checkpoint"):
     load_pretrained(empty)
+
+
+def test_a_step_saved_while_reading_a_run_is_not_mixed_in(runs, tmp_path, monkeypatch):
+  """A reader of a live training run (eval.py, init_from, convert) takes its latest step once:
+  a step landing after the config was read must not supply the weights."""
+  import shutil
+
+  from uniformerv2_jax import checkpoint
+  _, d8, _ = runs
+  work = tmp_path / "run"
+  shutil.copytree(d8 / "checkpoints", work / "checkpoints")
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  read_config = checkpoint.read_config
+
+  def read_then_save(directory):
+    cfg = read_config(directory)
+    if not (work / "checkpoints" / "6").exists():  # the run saves (other weights) meanwhile
+      shutil.copytree(work / "checkpoints" / "2", work / "checkpoints" / "6")
+    return cfg
+  monkeypatch.setattr(checkpoint, "read_config", read_then_save)
+  saved = np.load(d8 / "params.npz")  # step 4's
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import flat_weights
+  flat = flat_weights(checkpoint.load_weights_tree(work)[1])
+  for k, v in flat.items():
+    np.testing.assert_array_equal(v, saved[k], err_msg=k)
+  assert checkpoint.resolve(work).endswith(os.path.join("checkpoints", "6"))  # it did land
+  step2 = flat_weights(checkpoint.load_weights_tree(work / "checkpoints" / "2")[1])
+  assert any(not np.array_equal(step2[k], saved[k]) for k in flat)  # and holds other weights
 
 
 def test_damaged_step_is_named_with_what_to_do(runs, tmp_path):

@@ -7,7 +7,8 @@
 (final parameters). `restore` loads the latest checkpoint of WORKDIR onto this process's
 devices and writes WORKDIR/restored_<n>.npz. `load` reads the run as a model
 (`load_pretrained(WORKDIR, mesh=...)`, what eval.py and init_from do) and writes
-WORKDIR/loaded_<processes>.npz. An "out_dir" override puts the .npz files there instead
+WORKDIR/loaded_<processes>.npz ("phantom_step_on_process": I makes process I list a step
+999 that the others do not see). An "out_dir" override puts the .npz files there instead
 (a local folder, when WORKDIR is a gs:// URL).
 """
 
@@ -73,6 +74,18 @@ def restore(config, workdir):
   return state, meta
 
 
+def _list_a_phantom_step():
+  """This process lists a newer step than the others, as when a save lands between the hosts'
+  listings; the step choice must still be process 0's."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  listed = ocp.utils.checkpoint_steps_paths
+
+  def with_phantom(root, *args, **kwargs):
+    return list(listed(root, *args, **kwargs)) + [epath.Path(root) / "999"]
+  ocp.utils.checkpoint_steps_paths = with_phantom
+
+
 def main():
   mode, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
   out_dir = overrides.pop("out_dir", workdir)
@@ -80,7 +93,10 @@ def main():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(overrides.pop("coordinator"), overrides.pop("num_processes"),
                                overrides.pop("process_id"))
+  phantom = overrides.pop("phantom_step_on_process", None)
   config = tiny_config(overrides)
+  if phantom is not None and jax.process_index() == phantom:
+    _list_a_phantom_step()
   if mode == "load":
     from flax import nnx
 

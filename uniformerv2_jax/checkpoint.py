@@ -214,7 +214,9 @@ def _source(directory: str) -> tuple[str, str]:
 
 
 def resolve(directory: str) -> str:
-  """The directory a reader will read: the model directory, or the training step (latest)."""
+  """The directory a reader will read: the model directory, or the training step (latest,
+  process 0's choice on every process). Readers that read several parts of a training run
+  resolve it once, so that a step saved meanwhile is not mixed in."""
   return _source(directory)[1]
 
 
@@ -432,6 +434,7 @@ def load_pretrained(directory: str, *, mesh=None, rules=None, dtype=None, scan_l
   Other keyword arguments override config fields that do not change weight shapes
   (t_size, drop_path_rate, cls_dropout, remat, attention, ...).
   """
+  directory = resolve(directory)  # one step throughout, even while a run saves new ones
   stored_cfg = read_config(directory)
   overrides = dict(config_overrides)
   if dtype is not None:
@@ -498,6 +501,7 @@ def _stack_on_device(tree: dict, model, mesh, rules) -> dict:
 
 def load_weights_tree(directory: str) -> tuple[ModelConfig, dict, list[str] | None]:
   """(config, numpy weight tree (unscanned), class names) for converters and tools."""
+  directory = resolve(directory)
   cfg = read_config(directory)
   tree = restore_weights(directory)
   _check_against_config(flat_weights_shapes(tree), cfg, directory)

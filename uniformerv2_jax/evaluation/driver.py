@@ -73,7 +73,8 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
                data_classes: int | None = None):
   """(model with its head's rows in the dataset's class order, class names, reordered?)."""
   from uniformerv2_jax.checkpoint import (head_class_names, head_rows, load_pretrained,
-                                          read_config)
+                                          read_config, resolve)
+  checkpoint = resolve(checkpoint)  # a training run's latest step, fixed for every read
   overrides = {k: config.model[k] for k in SPEED_FIELDS if _get(config.model, k) is not None}
   overrides["t_size"] = int(config.input.clip_len)
   head_map = _get(config.eval, "head_map")
@@ -200,6 +201,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
     builder = data.load_builder(builder)
   except ValueError as e:
     raise EvalConfigError(f"config.dataset: {e}") from None
+  checkpoint = resolve(checkpoint)  # the step scored is the step the summary names
   model_t_size = read_config(checkpoint).t_size
   model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
                                      data_classes=num_classes(builder))
@@ -231,7 +233,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                   clip_len=int(config.input.clip_len), crop_size=int(config.input.crop_size),
                   model_t_size=model_t_size, stored_short_side=stored_short_side(builder),
                   dtype=str(model.config.dtype), attention=_attention(model.config))
-  extra = dict(checkpoint=resolve(checkpoint), dataset=config.dataset.name, split=split,
+  extra = dict(checkpoint=checkpoint, dataset=config.dataset.name, split=split,
                head_map=_get(ev, "head_map"), head_rows_by_class_name=by_name,
                protocol=protocol, devices=jax.device_count(),
                processes=jax.process_count(),

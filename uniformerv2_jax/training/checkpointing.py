@@ -128,7 +128,9 @@ def step_directory(path: str) -> str | None:
   """
   path = storage.absolute(path)
   names = storage.listdir(path)
-  if "state" in names and "meta" in names:
+  named_step = (os.path.basename(path).isdigit()
+                and os.path.basename(os.path.dirname(path)) == "checkpoints")
+  if "state" in names or "meta" in names or named_step:  # a part missing: read as damaged
     if not ocp.utils.is_checkpoint_finalized(path):
       from uniformerv2_jax.checkpoint import CheckpointError
       raise CheckpointError(f"{path} is an unfinished checkpoint (its save is still running or "
@@ -147,7 +149,17 @@ def step_directory(path: str) -> str | None:
     raise CheckpointError(f"{path} is a training workdir without a finished checkpoint; wait "
                           "for the first save (train.checkpoint_every_steps) or name a step "
                           "directory, WORKDIR/checkpoints/STEP")
-  return os.path.join(root, str(max(steps)))
+  return os.path.join(root, str(_same_on_every_process(max(steps))))
+
+
+def _same_on_every_process(step: int) -> int:
+  """Process 0's choice of the latest step: a save landing between two hosts' listings must
+  not make them restore different steps into one model."""
+  if jax.process_count() == 1:
+    return step
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(step)))
 
 
 def read_meta(step_dir: str) -> dict:

@@ -229,6 +229,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f"{dict(mesh.shape)}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
       f"{pc} process(es)")
 
+  if latest is not None and _eval_due(start, eval_every, total_steps) and \
+      not any(h["step"] == start for h in history):  # preempted before its evaluation
+    ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
+    best, best_step = _record_eval(ev, start, history, best, best_step, writer)
+
   train_iter = data_io.train_batches(config, builder, per_host, start)
   peak = peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
@@ -255,7 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       jax.block_until_ready(metrics)
       log(f"compiled and ran step {step} in {time.time() - tick:.1f}s")
       tick, tick_step, waited_at_tick = time.time(), step, waited
-    is_eval = step % eval_every == 0 or step == total_steps
+    is_eval = _eval_due(step, eval_every, total_steps)
     is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
     preempted = preempt.reached(step)
     if step % tc.log_every_steps == 0 or is_ckpt or preempted:
@@ -287,14 +292,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log(hint)
       writer.scalars(step, scalars)
     ev, paused = None, time.time()  # evaluation and saving do not count as step time
-    if is_eval:
+    if is_eval and preempted:  # save within the grace period; the resumed run evaluates
+      log(f"Preemption signal: saving step {step} first; its evaluation runs on resume")
+    elif is_eval:
       ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
-      if best_step is None or ev["top1"] >= best:  # a tie goes to the later step, as the
-        best, best_step = ev["top1"], step          # checkpoint manager's BestN keeps it
-      history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"]})
-      log(f"eval step {step}: top1 {ev['top1']:.4f} loss {ev['loss']:.4f} "
-          f"({int(ev['count'])} clips, 1 view) best {best:.4f}")
-      writer.scalars(step, {"eval/top1": ev["top1"], "eval/loss": ev["loss"]})
+      best, best_step = _record_eval(ev, step, history, best, best_step, writer)
     if is_ckpt or preempted:
       meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
                   best_step=best_step)
@@ -316,6 +318,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
       log(f"Evaluate or convert the weights: eval.py --checkpoint={workdir} (latest step) or "
           f"--checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
   return summary
+
+
+def _eval_due(step: int, eval_every: int, total_steps: int) -> bool:
+  return step > 0 and (step % eval_every == 0 or step == total_steps)
+
+
+def _record_eval(ev, step, history, best, best_step, writer):
+  """Logs and records one evaluation; returns the new (best top-1, best step)."""
+  if best_step is None or ev["top1"] >= best:  # a tie goes to the later step, as the
+    best, best_step = ev["top1"], step          # checkpoint manager's BestN keeps it
+  history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"]})
+  log(f"eval step {step}: top1 {ev['top1']:.4f} loss {ev['loss']:.4f} "
+      f"({int(ev['count'])} clips, 1 view) best {best:.4f}")
+  writer.scalars(step, {"eval/top1": ev["top1"], "eval/loss": ev["loss"]})
+  return best, best_step
 
 
 def _fmt(seconds: float) -> str:
