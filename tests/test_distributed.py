@@ -1,5 +1,6 @@
 """Multi-host start-up: when jax.distributed.initialize() is called, and with what."""
 
+import os
 import types
 
 import jax
@@ -62,3 +63,42 @@ def test_this_machine_is_no_tpu_vm():
   is not a TPU VM, and a plain run starts no distributed system."""
   assert not distributed.tpu_vm()
   assert distributed.cluster({}) is None
+
+
+TWO_HOSTS = r'''
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from uniformerv2_jax import storage
+
+def refuse(directory):
+  raise PermissionError(f"{directory}: cannot write there (simulated)")
+if jax.process_index() == 0:
+  storage.ensure_writable = refuse
+try:
+  storage.ensure_writable_by_process_0(sys.argv[3])
+except PermissionError as e:
+  print("refused:", e, flush=True)
+'''
+
+
+def test_an_unwritable_workdir_stops_every_process(tmp_path):
+  """train.py and eval.py check the workdir on process 0; the other hosts must stop too,
+  not wait at the first collective until the coordination service times out."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i),
+                             str(tmp_path / "work")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  assert f"refused: {tmp_path / 'work'}: cannot write there (simulated)" in outs[0], outs[0]
+  assert (f"refused: {tmp_path / 'work'}: process 0 cannot write there (its log says why)"
+          in outs[1]), outs[1]

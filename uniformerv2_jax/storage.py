@@ -63,6 +63,25 @@ def ensure_writable(directory) -> None:
         "account with Storage write access)") from None
 
 
+def ensure_writable_by_process_0(directory) -> None:
+  """`ensure_writable` on process 0 (the one that writes); if it fails, every process raises,
+  instead of the others waiting at a collective that process 0 will never join."""
+  import jax
+  error = None
+  if jax.process_index() == 0:
+    try:
+      ensure_writable(directory)
+    except PermissionError as e:
+      error = e
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
+      error = PermissionError(f"{directory}: process 0 cannot write there (its log says why)")
+  if error is not None:
+    raise error
+
+
 def read_text(path) -> str:
   return epath.Path(path).read_text(encoding="utf-8")
 

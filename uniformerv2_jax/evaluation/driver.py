@@ -167,16 +167,15 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   created = []  # the folders this evaluation creates, deepest first
   if workdir is not None:
     workdir = storage.absolute(workdir)
-    if jax.process_index() == 0:  # before the evaluation, not after it
-      if not storage.is_url(workdir):
-        folder = workdir
-        while folder != os.path.dirname(folder) and not os.path.exists(folder):
-          created.append(folder)
-          folder = os.path.dirname(folder)
-      try:
-        storage.ensure_writable(workdir)
-      except PermissionError as e:
-        raise EvalConfigError(f"--workdir {e}") from None
+    if jax.process_index() == 0 and not storage.is_url(workdir):
+      folder = workdir
+      while folder != os.path.dirname(folder) and not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:  # before the evaluation, not after it
+      storage.ensure_writable_by_process_0(workdir)
+    except PermissionError as e:
+      raise EvalConfigError(f"--workdir {e}") from None
   try:
     return _evaluate(config, checkpoint, workdir, builder, max_batches, log)
   except BaseException:

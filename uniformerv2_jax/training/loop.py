@@ -173,11 +173,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t0 = time.time()
   workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
-  if jax.process_index() == 0:
-    try:
-      storage.ensure_writable(workdir)
-    except PermissionError as e:
-      raise config_check.ConfigError(f"--workdir {e}") from None
+  try:
+    storage.ensure_writable_by_process_0(workdir)
+  except PermissionError as e:
+    raise config_check.ConfigError(f"--workdir {e}") from None
   cfg = build_model_config(config)
   tc = config.train
   mesh = make_mesh(config)
