@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -98,12 +99,13 @@ def test_good_config_passes():
     (lambda c: c.input.__setattr__("crop_size", 64), "crop_size=64 but the model's input_resolution is 32"),
     (lambda c: c.dataset.update(name="synthetic", data_dir="gs://bucket/tfds"),
      "data_dir=gs://bucket/tfds: the synthetic dataset is rendered and built on a local disk"),
+    (lambda c: c.train.__setattr__("seed", -1), "config.train.seed=-1 must lie in [0, 2**31)"),
 ])
 def test_bad_configs_fail_with_one_message(mutate, message):
   c = tiny()
   with c.unlocked():
     mutate(c)
-  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     check(c, n_devices=8)
 
 

@@ -144,6 +144,8 @@ def check(config, n_devices: int | None = None, n_processes: int | None = None):
   for key in ("epochs", "log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
     if not tc[key] or tc[key] <= 0:
       problems.append(f"config.train.{key}={tc[key]} must be positive")
+  if not 0 <= int(tc.seed) < 2**31:  # seeds numpy, TensorFlow and JAX draws alike
+    problems.append(f"config.train.seed={tc.seed} must lie in [0, 2**31)")
   name = config.dataset.name
   if name not in (data_io.FAKE, "synthetic"):
     where = data_io.dataset_dir(config)
