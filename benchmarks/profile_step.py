@@ -246,6 +246,10 @@ def main():
         f"{args.attn_pad}), dpe {args.dpe}, remat {args.remat}")
   print(f"wall step {step_ms:.1f} ms; profiled kernels sum {sum(costs.values()) / 1e3:.1f} ms "
         f"over {len(costs)} instructions (trace {trace_bytes / 1e6:.1f} MB)")
+  if not costs:
+    print("note: XLA gave no per-instruction costs on this device (NVIDIA GPUs only); the "
+          "wall step time above is all there is")
+    return
   _print_tables(costs, info, args.top)
 
 

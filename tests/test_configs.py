@@ -143,15 +143,18 @@ def test_unwritable_workdir_stops_before_anything(tmp_path):
     train_and_evaluate(tiny(), str(tmp_path / "file" / "run"))
 
 
-def test_dataset_with_more_classes_than_the_head(tmp_path):
-  """Labels the head has no row for stop the run before it starts (they made the loss NaN)."""
+@pytest.mark.parametrize("head", [3, 6])
+def test_dataset_and_head_of_other_sizes(tmp_path, head):
+  """Labels the head has no row for (they made the loss NaN), or rows no label reaches (a
+  forgotten num_classes; eval.py then refuses the model for this dataset), stop the run
+  before it starts."""
   from uniformerv2_jax.training.loop import train_and_evaluate
   c = load("demo")
   c.dataset.update(data_dir=str(tmp_path / "tfds"), num_train=4, num_val=4, synthetic_size=16,
-                   synthetic_frames=4, num_classes=3)
-  c.model.num_classes = 3
+                   synthetic_frames=4, num_classes=head)
+  c.model.num_classes = head
   with pytest.raises(ConfigError, match=r"dataset synthetic \(.*\) has 4 classes \(labels 0..3\)"
-                     r" but config.model.num_classes=3; set --config.model.num_classes=4"):
+                     rf" but config.model.num_classes={head}; set --config.model.num_classes=4"):
     train_and_evaluate(c, str(tmp_path / "run"))
 
 

@@ -49,9 +49,10 @@ def randaugment_on_device(config) -> bool:
 
 
 def check_classes(config, builder) -> None:
-  """Every label of the dataset must be a row of the head (else the loss becomes NaN)."""
+  """The head has one row per class of the dataset: a label past the head makes the loss NaN,
+  and rows no label reaches make a model that eval.py refuses for this dataset."""
   have, want = num_classes(builder), config.model.num_classes
-  if have is not None and have > want:
+  if have is not None and have != want:
     from uniformerv2_jax.training.config_check import ConfigError
     raise ConfigError(
         f"dataset {config.dataset.name} ({builder.data_dir}) has {have} classes (labels 0.."

@@ -314,8 +314,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     storage.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     if best_step is not None and storage.isdir(os.path.join(ckpt.directory, str(best_step))):
-      log(f"Evaluate or convert the weights: eval.py --checkpoint={workdir} (latest step) or "
-          f"--checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
+      log(f"Evaluate or convert the weights: eval.py --config=CONFIG --checkpoint={workdir} "
+          f"(latest step) or --checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
   return summary
 
 
