@@ -102,3 +102,14 @@ def test_an_unwritable_workdir_stops_every_process(tmp_path):
   assert f"refused: {tmp_path / 'work'}: cannot write there (simulated)" in outs[0], outs[0]
   assert (f"refused: {tmp_path / 'work'}: process 0 cannot write there (its log says why)"
           in outs[1]), outs[1]
+
+
+def test_an_incomplete_explicit_setup_is_one_message():
+  """(JAX's reason: the missing process count, or, in a test process whose backends already
+  run, that initialize() comes too late: either way one line.)"""
+  values = types.SimpleNamespace(coordinator_address="127.0.0.1:1", num_processes=None,
+                                 process_id=None, cpu_collectives=None)
+  with pytest.raises(distributed.DistributedError,
+                     match=r"^multi-host start-up on the given coordinator failed: [^\n]+\. "
+                     r"Pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I"):
+    distributed.maybe_initialize(values, {}, False)

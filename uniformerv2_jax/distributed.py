@@ -60,15 +60,17 @@ def maybe_initialize(values=None, environ=None, on_tpu_vm=None) -> None:
   env = os.environ if environ is None else environ
   if values.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", values.cpu_collectives)
-  if values.coordinator_address or values.num_processes or "JAX_COORDINATOR_ADDRESS" in env:
-    jax.distributed.initialize(coordinator_address=values.coordinator_address,
-                               num_processes=values.num_processes, process_id=values.process_id)
-    return
-  where = cluster(env, on_tpu_vm)
+  explicit = (values.coordinator_address or values.num_processes
+              or "JAX_COORDINATOR_ADDRESS" in env)
+  where = "the given coordinator" if explicit else cluster(env, on_tpu_vm)
   if where is None:
     return
   try:
-    jax.distributed.initialize()  # JAX's own cluster detection
+    if explicit:
+      jax.distributed.initialize(coordinator_address=values.coordinator_address,
+                                 num_processes=values.num_processes, process_id=values.process_id)
+    else:
+      jax.distributed.initialize()  # JAX's own cluster detection
   except (ValueError, RuntimeError) as e:
     raise DistributedError(
         f"multi-host start-up on {where} failed: {str(e).splitlines()[0].rstrip('.')}. Pass "

@@ -81,8 +81,8 @@ def upscale_note(config, builder, tool: str) -> str | None:
     return None
   views = "views are" if tool == "eval" else "crops are"
   return (f"{tool}: note: the frames are stored at short side {short}, so the {crop}-pixel "
-          f"{views} upscaled from them (the upstream takes them from the source video); rebuild with "
-          f"data.build --short_side {crop} or --keep_size to match it, and set "
+          f"{views} upscaled from them (the upstream takes them from the source video); "
+          f"rebuild with data.build --short_side {crop} or --keep_size to match it, and set "
           "--config.dataset.name to the dataset it names")
 
 
