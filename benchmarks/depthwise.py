@@ -70,7 +70,7 @@ def _dk_taps_bwd(residuals, g):
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype), db
 
 
-_dk_taps.defvjp(lambda x, k, b: (_dk_taps(x, k, b), (x, k, b)), _dk_taps_bwd)
+_dk_taps.defvjp(layers._shifted_conv_fwd, _dk_taps_bwd)
 
 VARIANTS = {
     "conv": lambda x, k, b: layers.depthwise_conv3d(x, k, b, impl="conv"),
