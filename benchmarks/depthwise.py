@@ -21,25 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse
 import itertools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.attention import timed
 from uniformerv2_jax import layers
 
 SHAPES = {"b16": (32, 8, 14, 14, 768), "l14": (24, 8, 16, 16, 1024),
           "tiny": (2, 8, 14, 14, 64)}  # tiny: a CPU smoke run
-
-
-def timed(fn, *args, steps=20):
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps * 1e3
 
 
 def _bf16_sums(x, kernel, bias):
