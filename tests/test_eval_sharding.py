@@ -86,3 +86,29 @@ def test_same_scores_on_1_device_8_devices_and_2_hosts(tmp_path):
     np.testing.assert_array_equal(other["ids"], one["ids"])
     np.testing.assert_array_equal(other["labels"], one["labels"])
     np.testing.assert_allclose(other["scores"], one["scores"], rtol=1e-5, atol=1e-7)
+
+
+def test_the_next_batch_runs_while_the_last_is_collected(monkeypatch):
+  """One batch in flight: batch i+1 is dispatched before batch i is fetched and gathered, and
+  every batch is still collected once, in order."""
+  import jax.numpy as jnp
+
+  from uniformerv2_jax.evaluation import array_batches, evaluate, runner
+  events = []
+
+  class Recording:
+    def dispatch(self, video):
+      i = int(video[0, 0, 0, 0, 0])
+      events.append(f"dispatch {i}")
+      return jnp.tile(jnp.eye(3, dtype=jnp.float32)[i % 3], (len(video), 1))
+
+  fetch = runner.host_rows
+  monkeypatch.setattr(runner, "host_rows", lambda a: events.append("fetch") or fetch(a))
+  videos = np.broadcast_to(np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1, 1, 1),
+                           (4, 1, 2, 2, 2, 3))  # video i's frames hold the value i
+  res = evaluate(Recording(), array_batches(videos, [0, 1, 2, 0], 1), num_views=1,
+                 per_host_batch=1, log_every=0)
+  assert events == ["dispatch 0", "dispatch 1", "fetch", "dispatch 2", "fetch", "dispatch 3",
+                    "fetch", "fetch"]
+  np.testing.assert_array_equal(res.video_ids, [0, 1, 2, 3])
+  np.testing.assert_array_equal(res.scores.argmax(-1), [0, 1, 2, 0])  # each its own batch's

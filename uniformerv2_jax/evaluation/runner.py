@@ -81,6 +81,11 @@ class Evaluator:
 
   def __call__(self, video: np.ndarray) -> np.ndarray:
     """Host-local uint8 (B, T, S, S, 3) -> host-local float32 probabilities (B, classes)."""
+    return host_rows(self.dispatch(video))
+
+  def dispatch(self, video: np.ndarray) -> jax.Array:
+    """Starts the step on a host batch and returns at once (the global probabilities array);
+    `host_rows` of it waits for the result."""
     video = np.asarray(video)
     if video.dtype != np.uint8:
       raise TypeError(f"Evaluator expects uint8 frames (normalised on device), got {video.dtype}")
@@ -88,7 +93,7 @@ class Evaluator:
       raise ValueError(f"per-host batch {len(video)} is not a multiple of {self.batch_divisor} "
                        "(this host's data x fsdp devices); pad it with masked rows")
     x = jax.make_array_from_process_local_data(self._video_sharding, video)
-    return host_rows(self._step(self.state, x))
+    return self._step(self.state, x)
 
 
 def host_rows(array: jax.Array) -> np.ndarray:
@@ -142,16 +147,27 @@ def evaluate(evaluator: Evaluator, batches: Iterable[Mapping[str, np.ndarray]], 
   acc = ViewAccumulator(num_views)
   start = time.perf_counter()
   keys = ("video_id", "label", "view", "mask")
-  for step, batch in enumerate(batches, 1):
-    batch = pad_batch(batch, per_host_batch)
-    probs = evaluator(batch["video"])
-    local = dict(probs=probs, **{k: np.asarray(batch[k]) for k in keys})
+
+  def collect(probs, batch):
+    local = dict(probs=host_rows(probs), **{k: np.asarray(batch[k]) for k in keys})
     gathered = multihost_utils.process_allgather(local, tiled=True) \
         if jax.process_count() > 1 else local
     acc.add(gathered["probs"], gathered["video_id"], gathered["label"], gathered["view"],
             gathered["mask"])
+
+  # One batch in flight: the device runs batch i+1 while the host fetches, gathers and
+  # accumulates batch i (and reads the next input).
+  pending, step = None, 0
+  for step, batch in enumerate(batches, 1):
+    batch = pad_batch(batch, per_host_batch)
+    running = (evaluator.dispatch(batch["video"]), batch)
+    if pending is not None:
+      collect(*pending)
+    pending = running
     if log_every and step % log_every == 0:
       _progress(acc.views_seen, num_views, total_views, start, log)
+  if pending is not None:
+    collect(*pending)
   seconds = time.perf_counter() - start
   result = acc.result(aggregate, seconds, complete_only)
   log(f"eval: {len(result.video_ids)} videos x {num_views} views in {seconds:.1f}s "
