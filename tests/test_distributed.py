@@ -58,11 +58,20 @@ def test_detection_that_fails_says_what_to_pass(monkeypatch):
     distributed.maybe_initialize(NO_FLAGS, {}, True)
 
 
-def test_this_machine_is_no_tpu_vm():
-  """libtpu may be installed here (ahead-of-time TPU compiles); without TPU device nodes this
-  is not a TPU VM, and a plain run starts no distributed system."""
-  assert not distributed.tpu_vm()
-  assert distributed.cluster({}) is None
+@pytest.mark.parametrize("libtpu, chips, expected", [
+    (False, 4, False), (True, 0, False), (True, 4, True)])
+def test_a_tpu_vm_has_libtpu_and_tpu_chips(monkeypatch, libtpu, chips, expected):
+  """libtpu alone (a CPU host compiling ahead of time for a TPU topology) is no TPU VM."""
+  import importlib.util
+
+  from jax._src import hardware_utils
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: (object() if libtpu else None) if name == "libtpu"
+                      else find_spec(name, *a))
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id",
+                      lambda: (chips, None))
+  assert distributed.tpu_vm() is expected
 
 
 TWO_HOSTS = r'''
@@ -98,7 +107,11 @@ def test_an_unwritable_workdir_stops_every_process(tmp_path):
   procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i),
                              str(tmp_path / "work")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:  # a hang (the bug this guards against) must not leave them running
+    for p in procs:
+      p.kill()
   assert f"refused: {tmp_path / 'work'}: cannot write there (simulated)" in outs[0], outs[0]
   assert (f"refused: {tmp_path / 'work'}: process 0 cannot write there (its log says why)"
           in outs[1]), outs[1]
@@ -111,5 +124,5 @@ def test_an_incomplete_explicit_setup_is_one_message():
                                  process_id=None, cpu_collectives=None)
   with pytest.raises(distributed.DistributedError,
                      match=r"^multi-host start-up on the given coordinator failed: [^\n]+\. "
-                     r"Pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I"):
+                     r"check that HOST:PORT is process 0's and reachable from every host"):
     distributed.maybe_initialize(values, {}, False)

@@ -110,6 +110,43 @@ def test_preemption_at_an_eval_step_saves_first_and_evaluates_on_resume(tmp_path
   assert out.index("eval step 4:") < out.index("step 5/8"), out
 
 
+def test_an_evaluation_made_up_on_resume_counts_as_any_other(tmp_path, capsys, monkeypatch):
+  """The made-up evaluation can make its step the best: that checkpoint is kept beside the
+  latest ones (Orbax's own BestN never saw a metric for it). A run preempted at its last step
+  makes it up once: a later rerun reads it back from summary.json."""
+  import jax
+  sys.path.insert(0, os.path.dirname(HELPER))
+  from train_helper import tiny_config
+  from uniformerv2_jax.training import loop
+  from uniformerv2_jax.training.checkpointing import PreemptionWatcher
+  evaluate, evaluated = loop.evaluate, []
+
+  def scored(p_eval, state, *args):  # step 4 scores best (a stand-in metric)
+    step = int(jax.device_get(state["step"]))
+    evaluated.append(step)
+    ev = evaluate(p_eval, state, *args)
+    return dict(ev, top1=2.0) if step == 4 else ev
+  monkeypatch.setattr(loop, "evaluate", scored)
+  config = tiny_config({"train.epochs": 4, "train.checkpoint_every_steps": 100,
+                        "train.keep_checkpoints": 2})
+  monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: step == 4)
+  loop.train_and_evaluate(config, str(tmp_path / "a"))
+  monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: False)
+  summary = loop.train_and_evaluate(config, str(tmp_path / "a"))
+  assert evaluated == [4, 8, 12, 16] and summary["best_step"] == 4
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints"), key=int) == ["4", "12", "16"]
+
+  config = tiny_config({"train.epochs": 1, "train.checkpoint_every_steps": 100})
+  monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: step == 4)  # the last
+  loop.train_and_evaluate(config, str(tmp_path / "b"))
+  monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: False)
+  evaluated.clear()
+  runs = [loop.train_and_evaluate(config, str(tmp_path / "b")) for _ in range(2)]
+  assert evaluated == [4]  # once, not on every rerun
+  assert runs[0]["history"] == runs[1]["history"] and runs[1]["final_top1"] == 2.0
+  capsys.readouterr()
+
+
 def test_train_step_with_on_device_randaugment(tmp_path, monkeypatch):
   """randaugment_on="crops": uint8 clips, RandAugment (the config's m and n) + normalisation in
   the step; without RandAugment the step has none."""

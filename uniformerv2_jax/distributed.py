@@ -3,7 +3,8 @@
 `jax.distributed.initialize()` finds its peers by itself on a Cloud TPU VM (GCE metadata), on
 GKE TPU nodes and multislice (TPU_* / MEGASCALE_* variables) and inside a SLURM step that srun
 started with several tasks. Elsewhere (several GPU hosts, CPU hosts) the flags name them. A
-single process, a lone GPU machine, or an sbatch shell without srun runs without it.
+single process, a lone GPU machine, or an sbatch shell without srun runs without it (a
+single-host TPU VM starts it for one process, which is harmless).
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ def define_flags() -> None:
 
 
 def tpu_vm() -> bool:
-  """TPU chips attached to this machine: libtpu installed and TPU device nodes present
-  (/dev/accel* up to v4 and v5e, /dev/vfio/N from v5p on). libtpu alone, as on a CPU host that
-  compiles ahead of time for a TPU topology, is not a TPU VM."""
-  return (importlib.util.find_spec("libtpu") is not None
-          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+  """TPU chips attached to this machine (libtpu installed and TPU chips on the PCI bus, JAX's
+  own test; libtpu alone, as on a CPU host that compiles ahead of time for a TPU topology, is
+  not a TPU VM)."""
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  try:
+    from jax._src import hardware_utils  # private: guarded, with the device nodes as fallback
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, AttributeError, OSError):
+    return bool(glob.glob("/dev/accel*"))
 
 
 def cluster(environ=None, on_tpu_vm=None) -> str | None:
@@ -72,7 +78,9 @@ def maybe_initialize(values=None, environ=None, on_tpu_vm=None) -> None:
     else:
       jax.distributed.initialize()  # JAX's own cluster detection
   except (ValueError, RuntimeError) as e:
-    raise DistributedError(
-        f"multi-host start-up on {where} failed: {str(e).splitlines()[0].rstrip('.')}. Pass "
-        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I to name the peers "
-        "(under SLURM, start one process per task with srun).") from None
+    todo = ("check that HOST:PORT is process 0's and reachable from every host, and that "
+            "--num_processes and --process_id are set on each" if explicit else
+            "Pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to name the "
+            "peers (under SLURM, start one process per task with srun)")
+    raise DistributedError(f"multi-host start-up on {where} failed: "
+                           f"{str(e).splitlines()[0].rstrip('.')}. {todo}.") from None

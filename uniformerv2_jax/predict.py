@@ -116,9 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"predict: error: {flag} {value}: must be at least 1", file=sys.stderr)
       return 2
   try:  # the model, its class names: anything wrong here is the user's to fix, in one line
-    predictor = Predictor(args.checkpoint, head_map=args.head_map, dtype=args.dtype)
+    from uniformerv2_jax.checkpoint import resolve
+    checkpoint = resolve(args.checkpoint)  # a training run: its latest step, for every read
+    predictor = Predictor(checkpoint, head_map=args.head_map, dtype=args.dtype)
     cfg = predictor.model.config
-    names = class_names_for(args.checkpoint, args.class_names, args.head_map, cfg.num_classes)
+    names = class_names_for(checkpoint, args.class_names, args.head_map, cfg.num_classes)
   except (ValueError, OSError) as e:  # CheckpointError and config errors are ValueErrors
     print(f"predict: error: {e}", file=sys.stderr)
     return 2

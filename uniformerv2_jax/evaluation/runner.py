@@ -148,24 +148,24 @@ def evaluate(evaluator: Evaluator, batches: Iterable[Mapping[str, np.ndarray]], 
   start = time.perf_counter()
   keys = ("video_id", "label", "view", "mask")
 
-  def collect(probs, batch):
+  def collect(probs, batch, step):
     local = dict(probs=host_rows(probs), **{k: np.asarray(batch[k]) for k in keys})
     gathered = multihost_utils.process_allgather(local, tiled=True) \
         if jax.process_count() > 1 else local
     acc.add(gathered["probs"], gathered["video_id"], gathered["label"], gathered["view"],
             gathered["mask"])
+    if log_every and step % log_every == 0:
+      _progress(acc.views_seen, num_views, total_views, start, log)
 
   # One batch in flight: the device runs batch i+1 while the host fetches, gathers and
   # accumulates batch i (and reads the next input).
-  pending, step = None, 0
+  pending = None
   for step, batch in enumerate(batches, 1):
     batch = pad_batch(batch, per_host_batch)
-    running = (evaluator.dispatch(batch["video"]), batch)
+    running = (evaluator.dispatch(batch["video"]), batch, step)
     if pending is not None:
       collect(*pending)
     pending = running
-    if log_every and step % log_every == 0:
-      _progress(acc.views_seen, num_views, total_views, start, log)
   if pending is not None:
     collect(*pending)
   seconds = time.perf_counter() - start

@@ -14,6 +14,7 @@ mesh the new run uses (another device count works).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -28,15 +29,25 @@ MOVE_ASIDE = ("the step is damaged: move its folder out of checkpoints/ to use t
               "(a training run then resumes from that one, or starts afresh if there is none)")
 
 
+@dataclasses.dataclass
+class KeepStep:
+  """An Orbax preservation policy that keeps one step, set as the run goes: the best one as
+  the training loop ranks them (also one evaluated only after a resume, whose save carried no
+  metrics for Orbax's own BestN to rank)."""
+  step: int | None = None
+
+  def should_preserve(self, checkpoints, *, context=None):
+    del context
+    return [c.step == self.step for c in checkpoints]
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(storage.absolute(workdir), "checkpoints")
+    self.best = KeepStep()  # set by the loop: keep_best(step)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=max(int(keep), 2)),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["top1"], reverse=False, n=1,
-                                      keep_checkpoints_without_metrics=False),
-    ])
+        ocp.checkpoint_managers.LatestN(n=max(int(keep), 2)), self.best])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -44,6 +55,10 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def keep_best(self, step: int | None) -> None:
+    """The step to keep beside the latest ones (applied at the next save)."""
+    self.best.step = step
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> bool:
     """Starts an (async) save of `state` at `step`; returns False if it already exists."""
@@ -128,7 +143,7 @@ def step_directory(path: str) -> str | None:
   """
   path = storage.absolute(path)
   names = storage.listdir(path)
-  named_step = (os.path.basename(path).isdigit()
+  named_step = (os.path.basename(path).isdigit() and storage.isdir(path)
                 and os.path.basename(os.path.dirname(path)) == "checkpoints")
   if "state" in names or "meta" in names or named_step:  # a part missing: read as damaged
     if not ocp.utils.is_checkpoint_finalized(path):
@@ -144,12 +159,13 @@ def step_directory(path: str) -> str | None:
   else:
     return None
   steps = [int(p.name) for p in ocp.utils.checkpoint_steps_paths(root) if p.name.isdigit()]
-  if not steps:
+  latest = _same_on_every_process(max(steps, default=-1))  # every host raises, or none
+  if latest < 0:
     from uniformerv2_jax.checkpoint import CheckpointError
     raise CheckpointError(f"{path} is a training workdir without a finished checkpoint; wait "
                           "for the first save (train.checkpoint_every_steps) or name a step "
                           "directory, WORKDIR/checkpoints/STEP")
-  return os.path.join(root, str(_same_on_every_process(max(steps))))
+  return os.path.join(root, str(latest))
 
 
 def _same_on_every_process(step: int) -> int:

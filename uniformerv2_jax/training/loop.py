@@ -230,7 +230,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   if latest is not None and _eval_due(start, eval_every, total_steps) and \
       not any(h["step"] == start for h in history):  # preempted before its evaluation
-    ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
+    # a finished run keeps the one it made up in summary.json (no later save holds it)
+    ev = _summary_eval(workdir, start) if start == total_steps else None
+    ev = ev or evaluate(p_eval, state, config, builder, eval_per_host, mesh)
     best, best_step = _record_eval(ev, start, history, best, best_step, writer)
 
   train_iter = data_io.train_batches(config, builder, per_host, start)
@@ -299,6 +301,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if is_ckpt or preempted:
       meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
                   best_step=best_step)
+      ckpt.keep_best(best_step)
       ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
     tick += time.time() - paused
     if preempted:
@@ -323,11 +326,21 @@ def _eval_due(step: int, eval_every: int, total_steps: int) -> bool:
   return step > 0 and (step % eval_every == 0 or step == total_steps)
 
 
+def _summary_eval(workdir: str, step: int) -> dict | None:
+  """The evaluation of `step` that summary.json records (or None)."""
+  try:
+    summary = json.loads(storage.read_text(os.path.join(workdir, "summary.json")))
+    h = next(h for h in summary["history"] if h["step"] == step)
+    return {"top1": float(h["top1"]), "loss": float(h["loss"]), "count": float(h["count"])}
+  except Exception:  # noqa: BLE001  (missing, another run's, cut short: evaluate instead)
+    return None
+
+
 def _record_eval(ev, step, history, best, best_step, writer):
   """Logs and records one evaluation; returns the new (best top-1, best step)."""
-  if best_step is None or ev["top1"] >= best:  # a tie goes to the later step, as the
-    best, best_step = ev["top1"], step          # checkpoint manager's BestN keeps it
-  history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"]})
+  if best_step is None or ev["top1"] >= best:  # a tie goes to the later step
+    best, best_step = ev["top1"], step
+  history.append({"step": step, "top1": ev["top1"], "loss": ev["loss"], "count": ev["count"]})
   log(f"eval step {step}: top1 {ev['top1']:.4f} loss {ev['loss']:.4f} "
       f"({int(ev['count'])} clips, 1 view) best {best:.4f}")
   writer.scalars(step, {"eval/top1": ev["top1"], "eval/loss": ev["loss"]})
