@@ -26,6 +26,17 @@ class DistributedError(RuntimeError):
   """The processes of a multi-host run could not find each other."""
 
 
+def process_0_value(value: int) -> int:
+  """Process 0's `value` on every process (int32), so that all hosts take the same branch,
+  e.g. the same checkpoint step or the same error; `value` itself on a single process."""
+  import jax
+  if jax.process_count() == 1:
+    return int(value)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")

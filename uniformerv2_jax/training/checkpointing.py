@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from uniformerv2_jax import storage
+from uniformerv2_jax.distributed import process_0_value
 from uniformerv2_jax.training.state import abstract_state
 
 MOVE_ASIDE = ("the step is damaged: move its folder out of checkpoints/ to use the step before "
@@ -159,23 +160,15 @@ def step_directory(path: str) -> str | None:
   else:
     return None
   steps = [int(p.name) for p in ocp.utils.checkpoint_steps_paths(root) if p.name.isdigit()]
-  latest = _same_on_every_process(max(steps, default=-1))  # every host raises, or none
+  # process 0's choice: a save landing between two hosts' listings must not make them restore
+  # different steps into one model; and every host raises, or none
+  latest = process_0_value(max(steps, default=-1))
   if latest < 0:
     from uniformerv2_jax.checkpoint import CheckpointError
     raise CheckpointError(f"{path} is a training workdir without a finished checkpoint; wait "
                           "for the first save (train.checkpoint_every_steps) or name a step "
                           "directory, WORKDIR/checkpoints/STEP")
   return os.path.join(root, str(latest))
-
-
-def _same_on_every_process(step: int) -> int:
-  """Process 0's choice of the latest step: a save landing between two hosts' listings must
-  not make them restore different steps into one model."""
-  if jax.process_count() == 1:
-    return step
-  import numpy as np
-  from jax.experimental import multihost_utils
-  return int(multihost_utils.broadcast_one_to_all(np.int32(step)))
 
 
 def read_meta(step_dir: str) -> dict:
