@@ -21,11 +21,9 @@ class names the run recorded, never its optimiser state.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +34,7 @@ from flax import nnx
 
 from uniformerv2_jax import storage
 from uniformerv2_jax.config import ModelConfig
+from uniformerv2_jax.damaged_reads import damaged_files_reported
 from uniformerv2_jax.weights import (WEIGHTS, abstract_model, flatten, nest, unstack_layers,
                                      weight_shapes)
 
@@ -373,42 +372,6 @@ def restore_weights(directory: str, target: Mapping | None = None) -> dict:
       with ocp.StandardCheckpointer() as ckptr:
         flat = ckptr.restore(path, flat_weights(target))
   return unflat_weights(flat)
-
-
-@contextlib.contextmanager
-def damaged_files_reported(path: str, what_to_do: str):
-  """Orbax/TensorStore failures while reading ``path`` -> one CheckpointError naming it.
-
-  Their errors (truncated or missing array files) are plain Exceptions with pages of
-  TensorStore spec; the first line says what is wrong.
-  """
-  try:
-    yield
-  except CheckpointError:
-    raise
-  except Exception as e:  # noqa: BLE001 -- re-raised with the file and what to do
-    reason = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
-    reason = reason.split(" See full TensorStore details")[0]
-    _ignore_abandoned_reads()
-    raise CheckpointError(f"{path}: unreadable or incomplete weights ({type(e).__name__}: "
-                          f"{reason[:300]}); {what_to_do}") from None
-
-
-def _ignore_abandoned_reads() -> None:
-  """After a failed restore, TensorStore finishes the reads Orbax abandoned and calls back
-  into Orbax's event loop, closed by then: each call printed an 'Event loop is closed'
-  traceback under the one message that matters. Only that error is silenced."""
-  previous = sys.unraisablehook
-  if getattr(previous, "ignores_closed_event_loop", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.ignores_closed_event_loop = True
-  sys.unraisablehook = hook
 
 
 def _place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:

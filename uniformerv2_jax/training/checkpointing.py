@@ -72,7 +72,7 @@ class Checkpointer:
 
   def restore(self, shapes, shardings, step: int | None = None):
     """(state, meta) of `step` (default: the latest), placed by `shardings`."""
-    from uniformerv2_jax.checkpoint import damaged_files_reported
+    from uniformerv2_jax.damaged_reads import damaged_files_reported
     step = self.latest_step() if step is None else step
     target = abstract_state(shapes, shardings)
     with damaged_files_reported(os.path.join(self.directory, str(step)), MOVE_ASIDE):
@@ -201,7 +201,7 @@ def restore_weights(step_dir: str) -> dict:
   item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                       {"params": params, "batch_stats": stats})
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  from uniformerv2_jax.checkpoint import damaged_files_reported
+  from uniformerv2_jax.damaged_reads import damaged_files_reported
   with damaged_files_reported(step_dir, MOVE_ASIDE), ocp.PyTreeCheckpointer() as ckptr:
     out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
         item=item, restore_args=args, partial_restore=True))
