@@ -129,5 +129,8 @@ def recipe(*, model, dataset, num_classes, clip_len, crop_size, batch, lr, warmu
 SSV2 = dict(no_lmhra=False, double_lmhra=True, dw_reduction=1.5, temporal_downsample=True,
             backbone_drop_path_rate=0.2, drop_path_rate=0.4, replica_batch=32)
 SSV2_RETURN = {"b16": tuple(range(4, 12)), "l14": tuple(range(8, 24))}
-# Activation checkpointing the upstream used for long clips / 336 (15-24 blocks).
+# Activation checkpointing the upstream used for long clips / 336, on 15-24 blocks (its
+# checkpoint_num: the first that many). recipes.md does not say which recipe used which count,
+# so all blocks (remat_blocks=-1); --config.model.remat_blocks=15 recomputes fewer (faster,
+# more memory).
 REMAT = dict(remat="full")

@@ -117,14 +117,17 @@ def test_scanned_equals_unscanned(x64):
     np.testing.assert_array_equal(np.asarray(restacked[k]), np.asarray(v))
 
 
-@pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "dots")])
-def test_remat_same_outputs_and_gradients(scan, remat, x64):
+@pytest.mark.parametrize("scan,remat,blocks", [(False, "full", -1), (True, "dots", -1),
+                                               (False, "full", 1), (True, "full", 2)])
+def test_remat_same_outputs_and_gradients(scan, remat, blocks, x64):
+  """remat_blocks=N: the first N blocks rematerialised (scan: blocks [0, 2) and [2, 4) are
+  two scans, with return_list [0..3])."""
   arrays, c = golden_case("tiny_ssv2")
   x = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
   results = []
   for remat in ("none", remat):
     model, _ = golden_model("tiny_ssv2", mlp_dropout=0.0, cls_dropout=0.0,
-                            scan_layers=scan, remat=remat)
+                            scan_layers=scan, remat=remat, remat_blocks=blocks)
     def loss_fn(m):
       return jnp.sum(m(x, train=True) ** 2)
     loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -134,6 +137,25 @@ def test_remat_same_outputs_and_gradients(scan, remat, x64):
     assert abs(float(loss) - float(loss0)) <= 1e-12 * abs(float(loss0))
     for k in g0:
       np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g0[k]), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("scan,blocks,expected", [
+    (False, 1, [True, False, False, False]), (False, -1, [True] * 4),
+    (True, 2, [True, False]), (True, -1, [True]), (True, 0, [False])])
+def test_remat_blocks_are_the_first_n(scan, blocks, expected):
+  """Which blocks (unscanned) or scans of blocks recompute: the first remat_blocks of them."""
+  model, _ = golden_model("tiny_ssv2", dtype=jnp.float32, scan_layers=scan, remat="full",
+                          remat_blocks=blocks)
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 8, 32, 32, 3))))(state)
+  is_remat = lambda eqn: eqn.primitive.name in ("remat2", "checkpoint")
+  if scan:
+    found = [any(map(is_remat, e.params["jaxpr"].jaxpr.eqns))
+             for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+  else:  # a block without remat is inlined: count the rematerialised ones
+    found = [True] * sum(map(is_remat, jaxpr.jaxpr.eqns))
+    found += [False] * (4 - len(found))
+  assert found == expected
 
 
 def test_dropout_is_active_in_train_mode_only():
@@ -175,6 +197,8 @@ def test_config_speaks_upstream_names():
     model_config("b16", depth=3)
   with pytest.raises(ValueError, match="n_layers=2 but return_list has 3"):
     model_config("b16", return_list=[1, 2, 3], n_layers=2)
+  with pytest.raises(ValueError, match=r"remat_blocks=13 must lie in \[0, layers=12\]"):
+    model_config("b16", remat="full", remat_blocks=13)
 
 
 def test_wrong_input_shape_is_explained():

@@ -71,6 +71,8 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = False     # lax.scan over backbone blocks (compile time flat in depth)
   remat: str = "none"           # rematerialise backbone blocks: none|full|dots|dots_no_batch
+  remat_blocks: int = -1        # ... the first this many of them (the upstream's checkpoint_num);
+                                # -1: all
   attention: str = "auto"       # auto (cudnn where it runs, else xla) | xla (einsum + float32
                                 # softmax) | cudnn (fused flash attention, bf16/fp16 only)
 
@@ -114,6 +116,9 @@ class ModelConfig:
     if self.frames < 1 or (self.temporal_downsample and self.t_size % 2):
       problems.append(f"t_size={self.t_size} must be >= 1 (and even with temporal_downsample, "
                       "which halves it)")
+    if not -1 <= self.remat_blocks <= self.layers:
+      problems.append(f"remat_blocks={self.remat_blocks} must lie in [0, layers={self.layers}] "
+                      "(-1: all)")
     if self.replica_batch < 0:
       problems.append(f"replica_batch={self.replica_batch} must be >= 0 (0: whole batch)")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),

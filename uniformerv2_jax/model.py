@@ -339,7 +339,7 @@ class Backbone(nnx.Module):
     returned = []
     for i, block in enumerate(self.blocks):
       graphdef, state = nnx.split(block)
-      step = _block_step(graphdef, n, train, cfg.remat)
+      step = _block_step(graphdef, n, train, cfg.remat if i < _remat_end(cfg) else "none")
       x, stats = step(x, state, keys[i], rates[i])
       if train:
         nnx.update(block, stats)
@@ -348,14 +348,16 @@ class Backbone(nnx.Module):
     return x, returned
 
   def _run_scanned(self, x, n, keys, rates, train):
+    """One lax.scan per run of blocks that share remat and whether their outputs are kept."""
     cfg = self.cfg
     graphdef, state = nnx.split(self.blocks)
-    step = _block_step(graphdef, n, train, cfg.remat)
+    steps = {remat: _block_step(graphdef, n, train, remat) for remat in {cfg.remat, "none"}}
     keys = jnp.stack(keys) if train else jnp.zeros((cfg.layers, 2), jnp.uint32)
     rates = jnp.asarray(rates, jnp.float32)
-    first = cfg.return_list[0]
+    first, remat_end = cfg.return_list[0], _remat_end(cfg)
 
-    def scan(x, start, stop, emit):
+    def scan(x, start, stop):
+      step, emit = steps[cfg.remat if start < remat_end else "none"], start >= first
       def body(carry, xs):
         layer_state, k, r = xs
         y, stats = step(carry, layer_state, k if train else None, r)
@@ -363,12 +365,14 @@ class Backbone(nnx.Module):
       sl = lambda a: a[start:stop]
       return jax.lax.scan(body, x, (jax.tree.map(sl, state), keys[start:stop], rates[start:stop]))
 
-    stats = []
-    if first > 0:
-      x, (s, _) = scan(x, 0, first, emit=False)
+    stats, outs = [], []
+    bounds = sorted({0, first, remat_end, cfg.layers})
+    for start, stop in zip(bounds, bounds[1:]):
+      x, (s, o) = scan(x, start, stop)
       stats.append(s)
-    x, (s, outs) = scan(x, first, cfg.layers, emit=True)
-    stats.append(s)
+      if o is not None:
+        outs.append(o)
+    outs = jnp.concatenate(outs)
     if train and jax.tree.leaves(stats[-1]):
       nnx.update(self.blocks, jax.tree.map(lambda *a: jnp.concatenate(a), *stats))
     return x, [outs[i - first] for i in cfg.return_list]
@@ -394,6 +398,13 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def _remat_end(cfg: ModelConfig) -> int:
+  """Blocks [0, this) are rematerialised (with cfg.remat), the rest are not."""
+  if cfg.remat == "none":
+    return 0
+  return cfg.layers if cfg.remat_blocks < 0 else cfg.remat_blocks
 
 
 def _block_step(graphdef, n, train, remat):

@@ -5,7 +5,8 @@ dataset and split, ``config.input`` the clip length and crop size, ``config.eval
 (``num_clips``, ``num_crops``, ``spatial``), ``per_device_batch``, ``head_map`` (read a
 Kinetics-710 head as K400/K600/K700 without converting), ``match_class_names`` (score a head
 that lists the dataset's classes in another order by name) and ``save_scores``; ``config.mesh`` the
-device mesh; ``config.model`` may override speed knobs (dtype, scan_layers, remat, attention).
+device mesh; ``config.model`` may override speed knobs (dtype, scan_layers, remat, remat_blocks,
+attention).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from uniformerv2_jax.evaluation.runner import (Evaluator, evaluate, global_batch
 from uniformerv2_jax.sharding import make_mesh
 
 # config.model fields that may differ from the checkpoint's (they leave weight shapes alone).
-SPEED_FIELDS = ("dtype", "scan_layers", "remat", "attention")
+SPEED_FIELDS = ("dtype", "scan_layers", "remat", "remat_blocks", "attention")
 
 
 def _get(cfg, key, default=None):

@@ -71,7 +71,8 @@ def compile_for_topology(config, topology: str) -> dict:
     raise config_check.ConfigError(
         f"--aot_topology={topology}: the train step does not fit one chip's memory "
         f"({str(e).split('RESOURCE_EXHAUSTED: ')[-1].splitlines()[0]}). Try "
-        "--config.model.remat=full, a larger --config.train.grad_accum_steps, or more fsdp "
+        "--config.model.remat=full (on all blocks: remat_blocks=-1), a larger "
+        "--config.train.grad_accum_steps, or more fsdp "
         "(--config.mesh.fsdp=...).") from None
   seconds = time.time() - t0
   mem = compiled.memory_analysis()

@@ -50,8 +50,8 @@ def init_weights(config, cfg, mesh):
   if not config.init_from:
     return None
   from uniformerv2_jax import checkpoint
-  keep = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "t_size",
-          "backbone_drop_path_rate", "drop_path_rate", "mlp_dropout", "cls_dropout")
+  keep = ("dtype", "param_dtype", "scan_layers", "remat", "remat_blocks", "attention",
+          "t_size", "backbone_drop_path_rate", "drop_path_rate", "mlp_dropout", "cls_dropout")
   overrides = {k: getattr(cfg, k) for k in keep}
   model = checkpoint.load_pretrained(config.init_from, mesh=mesh, head_map=config.head_map,
                                      **overrides)
@@ -116,8 +116,8 @@ def _input_hint(config, share: float) -> str:
 
 
 # Model config fields a resumed run may change: they leave the saved arrays' shapes alone.
-RESUMABLE_CHANGES = ("dtype", "remat", "attention", "backbone_drop_path_rate", "replica_batch",
-                     "drop_path_rate", "mlp_dropout", "cls_dropout")
+RESUMABLE_CHANGES = ("dtype", "remat", "remat_blocks", "attention", "backbone_drop_path_rate",
+                     "replica_batch", "drop_path_rate", "mlp_dropout", "cls_dropout")
 
 
 def _input_stream(config, steps_per_epoch: int) -> dict:
