@@ -90,12 +90,27 @@ try:
   storage.ensure_writable_by_process_0(sys.argv[3])
 except PermissionError as e:
   print("refused:", e, flush=True)
+
+# The synthetic (demo) dataset on a disk both share: process 0 alone renders it.
+from types import SimpleNamespace
+from uniformerv2_jax.data import synthetic
+from uniformerv2_jax.training import data_io
+def rendered(*args, **kwargs):
+  raise AssertionError("process 1 rendered the synthetic videos too")
+if jax.process_index() == 1:
+  synthetic.write_synthetic_videos = rendered
+d = SimpleNamespace(name="synthetic", data_dir=sys.argv[4], num_train=4, num_val=2,
+                    synthetic_size=32, synthetic_frames=8, synthetic_radius=synthetic.RADIUS,
+                    synthetic_speed=synthetic.SPEED)
+builder = data_io.source(SimpleNamespace(dataset=d))
+print("train examples:", builder.info.splits["train"].num_examples, flush=True)
 '''
 
 
-def test_an_unwritable_workdir_stops_every_process(tmp_path):
+def test_two_hosts_unwritable_workdir_and_shared_synthetic_dataset(tmp_path):
   """train.py and eval.py check the workdir on process 0; the other hosts must stop too,
-  not wait at the first collective until the coordination service times out."""
+  not wait at the first collective until the coordination service times out. Then both
+  build the synthetic dataset on their shared disk: process 0 renders it, 1 finds it."""
   import socket
   import subprocess
   import sys
@@ -105,7 +120,8 @@ def test_an_unwritable_workdir_stops_every_process(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i),
-                             str(tmp_path / "work")], env=env, stdout=subprocess.PIPE,
+                             str(tmp_path / "work"), str(tmp_path / "tfds")], env=env,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -115,6 +131,8 @@ def test_an_unwritable_workdir_stops_every_process(tmp_path):
   assert f"refused: {tmp_path / 'work'}: cannot write there (simulated)" in outs[0], outs[0]
   assert (f"refused: {tmp_path / 'work'}: process 0 cannot write there (its log says why)"
           in outs[1]), outs[1]
+  for out in outs:
+    assert "train examples: 4" in out, out
 
 
 def test_an_incomplete_explicit_setup_is_one_message():

@@ -37,6 +37,23 @@ def process_0_value(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def on_process_0(fn, error_elsewhere: Exception) -> None:
+  """Runs `fn()` on process 0 alone (work meant once, e.g. on a shared disk). If it raises,
+  every process raises (process 0 its own error, the others `error_elsewhere`), instead of the
+  others waiting at a collective that process 0 will never join."""
+  import jax
+  error = None
+  if jax.process_index() == 0:
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001 -- re-raised below, after the others know
+      error = e
+  if process_0_value(error is not None) and error is None:
+    raise error_elsewhere
+  if error is not None:
+    raise error
+
+
 def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")

@@ -64,21 +64,10 @@ def ensure_writable(directory) -> None:
 
 
 def ensure_writable_by_process_0(directory) -> None:
-  """`ensure_writable` on process 0 (the one that writes); if it fails, every process raises,
-  instead of the others waiting at a collective that process 0 will never join."""
-  import jax
-
-  from uniformerv2_jax.distributed import process_0_value
-  error = None
-  if jax.process_index() == 0:
-    try:
-      ensure_writable(directory)
-    except PermissionError as e:
-      error = e
-  if process_0_value(error is not None) and error is None:
-    error = PermissionError(f"{directory}: process 0 cannot write there (its log says why)")
-  if error is not None:
-    raise error
+  """`ensure_writable` on process 0 (the one that writes); if it fails, every process raises."""
+  from uniformerv2_jax.distributed import on_process_0
+  on_process_0(lambda: ensure_writable(directory), PermissionError(
+      f"{directory}: process 0 cannot write there (its log says why)"))
 
 
 def read_text(path) -> str:

@@ -28,10 +28,16 @@ def source(config):
   d = config.dataset
   from uniformerv2_jax import data
   if d.name == "synthetic":
-    return data.prepare_synthetic_dataset(
+    from uniformerv2_jax.distributed import on_process_0
+    prepare = lambda: data.prepare_synthetic_dataset(  # noqa: E731
         d.data_dir, d.num_train, d.num_val, size=d.synthetic_size,
         num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
         speed=tuple(d.synthetic_speed)).builder
+    # Process 0 renders and builds it first: on a shared disk the others then find it built
+    # (they raced to write the same files); on disks of their own each builds its copy.
+    on_process_0(prepare, RuntimeError(
+        f"{d.data_dir}: process 0 could not build the synthetic dataset (its log says why)"))
+    return prepare()
   return data.load_builder(dataset_dir(config))
 
 
