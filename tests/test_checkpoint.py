@@ -211,7 +211,7 @@ def test_damaged_weights_are_one_message(tmp_path):
   biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
   def abandoned():  # unfinished futures of closed event loops (other tests' count too)
     gc.collect()
-    return sum(isinstance(o, asyncio.Future) and o.get_loop().is_closed() and not o.done()
+    return sum(issubclass(type(o), asyncio.Future) and o.get_loop().is_closed() and not o.done()
                for o in gc.get_objects())
   hook, log_filters, before = (sys.unraisablehook, list(logging.getLogger("asyncio").filters),
                                abandoned())

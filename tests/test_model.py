@@ -117,16 +117,18 @@ def test_scanned_equals_unscanned(x64):
     np.testing.assert_array_equal(np.asarray(restacked[k]), np.asarray(v))
 
 
-@pytest.mark.parametrize("scan,remat,blocks", [(False, "full", -1), (True, "dots", -1),
-                                               (False, "full", 1), (True, "full", 2)])
-def test_remat_same_outputs_and_gradients(scan, remat, blocks, x64):
-  """remat_blocks=N: the first N blocks rematerialised (scan: blocks [0, 2) and [2, 4) are
-  two scans, with return_list [0..3])."""
-  arrays, c = golden_case("tiny_ssv2")
+@pytest.mark.parametrize("case,scan,remat,blocks", [
+    ("tiny_ssv2", False, "full", -1), ("tiny_ssv2", True, "dots", -1),
+    ("tiny_ssv2", False, "full", 1), ("tiny_ssv2", True, "full", 2),
+    ("tiny_k400", True, "full", 1)])
+def test_remat_same_outputs_and_gradients(case, scan, remat, blocks, x64):
+  """remat_blocks=N: the first N blocks rematerialised (scanned: tiny_ssv2 in scans [0, 2)
+  and [2, 4); tiny_k400, return_list 2, 3, in [0, 1), [1, 2), [2, 4))."""
+  arrays, c = golden_case(case)
   x = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64)
   results = []
   for remat in ("none", remat):
-    model, _ = golden_model("tiny_ssv2", mlp_dropout=0.0, cls_dropout=0.0,
+    model, _ = golden_model(case, mlp_dropout=0.0, cls_dropout=0.0,
                             scan_layers=scan, remat=remat, remat_blocks=blocks)
     def loss_fn(m):
       return jnp.sum(m(x, train=True) ** 2)
@@ -139,15 +141,19 @@ def test_remat_same_outputs_and_gradients(scan, remat, blocks, x64):
       np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g0[k]), rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("scan,blocks,expected", [
-    (False, 1, [True, False, False, False]), (False, -1, [True] * 4),
-    (True, 2, [True, False]), (True, -1, [True]), (True, 0, [False])])
-def test_remat_blocks_are_the_first_n(scan, blocks, expected):
+@pytest.mark.parametrize("case,scan,blocks,expected", [
+    ("tiny_ssv2", False, 1, [True, False, False, False]), ("tiny_ssv2", False, -1, [True] * 4),
+    ("tiny_ssv2", True, 2, [True, False]), ("tiny_ssv2", True, -1, [True]),
+    ("tiny_ssv2", True, 0, [False]),
+    ("tiny_k400", True, 1, [True, False, False]),  # scans [0, 1) [1, 2) [2, 4): return_list 2, 3
+    ("tiny_k400", True, 3, [True, True, False])])
+def test_remat_blocks_are_the_first_n(case, scan, blocks, expected):
   """Which blocks (unscanned) or scans of blocks recompute: the first remat_blocks of them."""
-  model, _ = golden_model("tiny_ssv2", dtype=jnp.float32, scan_layers=scan, remat="full",
-                          remat_blocks=blocks)
+  model, arrays = golden_model(case, dtype=jnp.float32, scan_layers=scan, remat="full",
+                               remat_blocks=blocks)
+  x = jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float32)
   graphdef, state = nnx.split(model)
-  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 8, 32, 32, 3))))(state)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state)
   is_remat = lambda eqn: eqn.primitive.name in ("remat2", "checkpoint")
   if scan:
     found = [any(map(is_remat, e.params["jaxpr"].jaxpr.eqns))

@@ -6,8 +6,8 @@ reads are still in flight in TensorStore. Those reads then finish into the close
 ('Event loop is closed', one traceback each), and they and the failed ones print their own
 errors when collected: pages of output under the one message that matters, some of it during
 interpreter shutdown, when no hook can filter it any more. So a failed read waits until the
-abandoned reads have settled and been collected (well under a second on a local disk), with
-exactly that output filtered, before it raises.
+abandoned reads have settled and been collected (well under a second on a local disk, up to
+SETTLE_TIMEOUT_S from an object store), with exactly that output filtered, before it raises.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-SETTLE_TIMEOUT_S = 60.0  # abandoned reads of an object store can take a while
+SETTLE_TIMEOUT_S = 10.0  # then the error is raised anyway (the filters stay, for this path)
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def damaged_files_reported(path: str, what_to_do: str):
   is wrong. A CheckpointError raised inside passes through unchanged.
   """
   from uniformerv2_jax.checkpoint import CheckpointError
-  noise = _AbandonedReadsNoise()  # from the start: a read can finish before `except` runs
+  noise = _AbandonedReadsNoise(path)  # from the start: a read can finish before `except` runs
   settled = True
   try:
     yield
@@ -51,48 +51,36 @@ def damaged_files_reported(path: str, what_to_do: str):
 
 
 class _AbandonedReadsNoise(logging.Filter):
-  """Filters the three kinds of output of abandoned Orbax reads while installed, passes the
-  rest: as unraisable exceptions, 'Event loop is closed' (a read finishing into the closed
-  loop) and the read's own error (its coroutine collected); logged by asyncio, 'Task (or
-  Future) exception was never retrieved' (a failed read collected)."""
+  """While installed, drops the output of abandoned reads of one path and passes the rest:
+  unraisable exceptions 'Event loop is closed' (a read finishing into Orbax's closed loop) or
+  naming the path (a read's coroutine collected), and asyncio's 'Task (or Future) exception
+  was never retrieved' for errors naming the path (a failed read collected)."""
 
-  def __init__(self):
+  def __init__(self, path: str):
     super().__init__()
-    self.previous_hook = sys.unraisablehook
+    # TensorStore's messages name the path, without scheme and bucket for an object store
+    self.key = path.split("://", 1)[1].split("/", 1)[-1] if "://" in path else path
+    self.active, self.previous_hook = True, sys.unraisablehook
     sys.unraisablehook = self.unraisable_hook
     logging.getLogger("asyncio").addFilter(self)
 
   def remove(self) -> None:
     logging.getLogger("asyncio").removeFilter(self)
+    self.active = False  # if another hook was installed over it, it now passes everything on
     if sys.unraisablehook == self.unraisable_hook:
       sys.unraisablehook = self.previous_hook
 
   def unraisable_hook(self, unraisable):
-    error, source = unraisable.exc_value, unraisable.object
+    error = unraisable.exc_value
     closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-    if not (closed_loop or _in_orbax(_code(source))):
+    if not (self.active and (closed_loop or self._names_path(error))):
       self.previous_hook(unraisable)
 
   def filter(self, record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    # a read's error: raised in Orbax, or set by TensorStore (never raised: no traceback)
-    return not (error is not None and (error.__traceback__ is None or _raised_in_orbax(error)))
+    return not (self.active and record.exc_info and self._names_path(record.exc_info[1]))
 
-
-def _code(coroutine):
-  """The code object of a coroutine or generator-based coroutine; None for anything else."""
-  return getattr(coroutine, "cr_code", None) or getattr(coroutine, "gi_code", None)
-
-
-def _in_orbax(code) -> bool:
-  return code is not None and "/orbax/" in code.co_filename.replace("\\", "/")
-
-
-def _raised_in_orbax(error: BaseException) -> bool:
-  tb = error.__traceback__
-  while tb is not None and not _in_orbax(tb.tb_frame.f_code):
-    tb = tb.tb_next
-  return tb is not None
+  def _names_path(self, error) -> bool:
+    return error is not None and self.key in str(error)
 
 
 def _event_loops_run(error: BaseException) -> set:
@@ -111,26 +99,22 @@ def _clear_finished_frames(error: BaseException) -> None:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    traceback.clear_frames(error.__traceback__)  # skips the frames still running
+    traceback.clear_frames(error.__traceback__)  # (the frames still running are skipped)
     error = error.__cause__ or error.__context__
 
 
 def _wait_for_abandoned_reads(loops: set, timeout_s: float) -> bool:
   """Waits until no unfinished future of the failed read's closed event loops is left alive
   (each is an abandoned read, or waits on one); True when none is, False after `timeout_s`.
-  `loops`: those the error came through; the loops of pending Orbax coroutines are added
-  (Orbax may run its loop in a thread of its own)."""
-  deadline, loops = time.monotonic() + timeout_s, set(loops)
-  while True:
+  No loop found (Orbax ran it in a thread of its own): nothing to wait for."""
+  deadline = time.monotonic() + timeout_s
+  while loops:
     gc.collect()  # collects the reads that have settled, within the filters
-    pending = [o for o in gc.get_objects()
-               if isinstance(o, asyncio.Future) and not o.done() and o.get_loop().is_closed()]
-    loops.update(o.get_loop() for o in pending
-                 if isinstance(o, asyncio.Task) and _in_orbax(_code(o.get_coro())))
-    left = any(o.get_loop() in loops for o in pending)
-    del pending
-    if not left:
+    # (type(o), not isinstance: that reads o.__class__, which some lazy modules warn about)
+    if not any(issubclass(type(o), asyncio.Future) and not o.done() and o.get_loop() in loops
+               for o in gc.get_objects()):
       return True
     if time.monotonic() > deadline:
       return False
     time.sleep(0.02)
+  return True

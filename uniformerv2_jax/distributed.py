@@ -37,21 +37,22 @@ def process_0_value(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def on_process_0(fn, error_elsewhere: Exception) -> None:
-  """Runs `fn()` on process 0 alone (work meant once, e.g. on a shared disk). If it raises,
-  every process raises (process 0 its own error, the others `error_elsewhere`), instead of the
-  others waiting at a collective that process 0 will never join."""
+def on_process_0(fn, error_elsewhere: Exception):
+  """`fn()` on process 0 alone (work meant once, e.g. on a shared disk): its value there, None
+  on the others. If it raises, every process raises (process 0 its own error, the others
+  `error_elsewhere`), instead of the others waiting at a collective process 0 never joins."""
   import jax
-  error = None
+  value = error = None
   if jax.process_index() == 0:
     try:
-      fn()
+      value = fn()
     except Exception as e:  # noqa: BLE001 -- re-raised below, after the others know
       error = e
   if process_0_value(error is not None) and error is None:
     raise error_elsewhere
   if error is not None:
     raise error
+  return value
 
 
 def define_flags() -> None:

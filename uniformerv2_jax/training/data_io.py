@@ -35,9 +35,9 @@ def source(config):
         speed=tuple(d.synthetic_speed)).builder
     # Process 0 renders and builds it first: on a shared disk the others then find it built
     # (they raced to write the same files); on disks of their own each builds its copy.
-    on_process_0(prepare, RuntimeError(
+    builder = on_process_0(prepare, ValueError(
         f"{d.data_dir}: process 0 could not build the synthetic dataset (its log says why)"))
-    return prepare()
+    return prepare() if builder is None else builder
   return data.load_builder(dataset_dir(config))
 
 
