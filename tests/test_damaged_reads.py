@@ -52,8 +52,8 @@ def finish_late(in_flight: list, delay_s: float):
 def test_abandoned_reads_settle_before_the_one_error(tmp_path, capfd):
   path, in_flight = str(tmp_path / "weights"), []
   hook, log_filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
-  threading.Thread(target=finish_late, args=(in_flight, 0.5)).start()
   started = time.monotonic()
+  threading.Thread(target=finish_late, args=(in_flight, 0.5)).start()
   with pytest.raises(CheckpointError, match=r"weights: unreadable or incomplete weights "
                      r"\(ValueError: OUT_OF_RANGE: Error reading .*/weights/0\); do this"):
     with damaged_files_reported(path, "do this"):
