@@ -336,10 +336,10 @@ class Backbone(nnx.Module):
     keys = _split(key, cfg.layers)
     if cfg.scan_layers:
       return self._run_scanned(x, n, keys, rates, train)
-    returned = []
+    returned, remat_end = [], _remat_end(cfg)
     for i, block in enumerate(self.blocks):
       graphdef, state = nnx.split(block)
-      step = _block_step(graphdef, n, train, cfg.remat if i < _remat_end(cfg) else "none")
+      step = _block_step(graphdef, n, train, cfg.remat if i < remat_end else "none")
       x, stats = step(x, state, keys[i], rates[i])
       if train:
         nnx.update(block, stats)

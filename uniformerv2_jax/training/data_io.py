@@ -29,10 +29,12 @@ def source(config):
   from uniformerv2_jax import data
   if d.name == "synthetic":
     from uniformerv2_jax.distributed import on_process_0
-    prepare = lambda: data.prepare_synthetic_dataset(  # noqa: E731
-        d.data_dir, d.num_train, d.num_val, size=d.synthetic_size,
-        num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
-        speed=tuple(d.synthetic_speed)).builder
+
+    def prepare():
+      return data.prepare_synthetic_dataset(
+          d.data_dir, d.num_train, d.num_val, size=d.synthetic_size,
+          num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
+          speed=tuple(d.synthetic_speed)).builder
     # Process 0 renders and builds it first: on a shared disk the others then find it built
     # (they raced to write the same files); on disks of their own each builds its copy.
     builder = on_process_0(prepare, ValueError(
