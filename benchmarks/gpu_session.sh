@@ -4,11 +4,21 @@
 # an argument starting with "profile " runs benchmarks/profile_step.py with the rest.
 #   bash benchmarks/gpu_session.sh "--models b16 --modes train" "XLA_FLAGS=--foo --models b16" \
 #     "profile --model b16 --mode inference --batch 64"
+# The GPU image lacks ml_collections (the recipe configs) and may hold an older flax: carry
+# them as wheels in .whl (git-ignored; name .whl in the run's carry), fetched here beforehand:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp -d .whl ml_collections==1.1.0 flax==0.12.8
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import flax,sys; v=tuple(int(x) for x in flax.__version__.split('.')[:3]); sys.exit(v < (0,12,8))" || {
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.; }
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:.
+fi
+python3 -c "import flax,sys; v=tuple(int(x) for x in flax.__version__.split('.')[:3]); sys.exit(v < (0,12,8))" \
+  || echo "warning: flax older than 0.12.8 (carry its wheel in .whl)"
+python3 -c "import ml_collections" || echo "warning: no ml_collections (carry its wheel in .whl)"
 python3 -c "import flax, jax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 for run in "$@"; do
   case "$run" in profile\ *)

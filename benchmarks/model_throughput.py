@@ -1,11 +1,19 @@
-"""Model throughput: train step (fwd + bwd + AdamW) and inference clips/s, TFLOP/s, MFU.
+"""Model throughput: train step (fwd + bwd + optimiser) and inference clips/s, TFLOP/s, MFU.
 
   python benchmarks/model_throughput.py                       # B/16 and L/14, 8x224, bf16
   python benchmarks/model_throughput.py --models b16 --train_batch 32 --infer_batch 64 \
-      --attention xla,cudnn --remat none
+      --attention xla,cudnn --remat none --step recipe,bare
 
-Uint8 clips go to the device and are normalised there, as in training. Prints one
-table naming the device. On CPU use --tiny (a small model) unless you have hours.
+The train step is, by default, the one train.py runs (`--step recipe`): the model's K710 recipe
+(configs/k710_*.py, its optimiser: gradient clipping, AdamW with the weight-decay mask, the
+schedule; the train metrics), jitted with the state's shardings over all devices and donated.
+`--step bare` times forward + backward + plain AdamW only, the step of issue 7's upstream table
+(and of this project's GPU numbers before the recipe step was benchmarked). RandAugment runs on
+the host in the recipes and is left out (`--randaugment crops` adds it to the step, as
+`--config.input.randaugment_on=crops` does). Inference is eval.py's step (`Evaluator`). Uint8
+clips go to the device once and are normalised there, as in training. Needs ml_collections
+(the recipe configs). Prints one table naming the device. On CPU use --tiny (a small model)
+unless you have hours.
 """
 
 from __future__ import annotations
@@ -16,36 +24,47 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import argparse
+import importlib
 import itertools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from uniformerv2_jax import UniFormerV2, layers, model_config
+from uniformerv2_jax import layers
+from uniformerv2_jax import sharding as shd
 from uniformerv2_jax.flops import device_peak_flops, inference_flops_per_clip, train_flops_per_clip
 
 TINY = dict(input_resolution=64, patch_size=16, width=192, layers=4, heads=3,
             return_list=(2, 3), n_head=3, t_size=8)
+RECIPES = {"b16": "configs.k710_b16", "l14": "configs.k710_l14", "l14_336": "configs.k710_l14_336",
+           "tiny": "configs.k710_b16"}
+
+
+def recipe_config(name, batch, args, attention, remat):
+  """The K710 recipe of `name` on fake data, `batch` clips a step, with the benchmark's knobs."""
+  config = importlib.import_module(RECIPES[name]).get_config()
+  config.model.update(dtype=args.dtype, scan_layers=args.scan, remat=remat,
+                      remat_blocks=args.remat_blocks, attention=attention,
+                      **(TINY if name == "tiny" else {}))
+  if name == "tiny":
+    config.input.crop_size = TINY["input_resolution"]
+  config.dataset.name = "fake"
+  config.init_from = None
+  config.train.global_batch_size = batch
+  config.input.randaugment_on = "crops"
+  config.input.randaugment = args.randaugment == "crops"
+  return config
 
 
 def normalize(video):
-  """uniformerv2_jax.data.normalize's arithmetic, without importing the data package (PyAV,
-  TensorFlow), which a bare GPU machine may lack."""
-  return (video.astype(jnp.float32) - 114.75) / 57.375
+  """uniformerv2_jax.data.normalize's arithmetic, for the bare step."""
+  return (video.astype(np.float32) - 114.75) / 57.375
 
 
-def build(name, args, attention, remat):
-  overrides = TINY if name == "tiny" else {}
-  cfg = model_config(None if name == "tiny" else name, **overrides, num_classes=400,
-                     dtype=args.dtype, scan_layers=args.scan, remat=remat, attention=attention)
-  return cfg, UniFormerV2(cfg, rngs=nnx.Rngs(0))
-
-
-def make_train_step(graphdef, tx):
+def bare_train_step(graphdef, tx):
   def train_step(state, opt_state, video, label, key):
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["rest"])
@@ -56,13 +75,6 @@ def make_train_step(graphdef, tx):
     params = optax.apply_updates(state["params"], updates)
     return dict(params=params, rest=state["rest"]), opt_state, loss
   return jax.jit(train_step, donate_argnums=(0, 1))
-
-
-def make_infer_step(graphdef):
-  def infer(state, video):
-    model = nnx.merge(graphdef, state["params"], state["rest"])
-    return jax.nn.softmax(model(normalize(video).astype(model.config.dtype)))
-  return jax.jit(infer)
 
 
 def timed(fn, steps):
@@ -77,55 +89,95 @@ def timed(fn, steps):
   return (time.perf_counter() - start) / steps
 
 
-def prepare(name, mode, batch, args, attention="auto", remat="none"):
-  """(config, compiled step, a function running it once, FLOPs per clip) on random clips."""
-  cfg, model = build(name, args, attention, remat)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  state = dict(params=params, rest=rest)
-  res = cfg.input_resolution
+def _clips(cfg, batch, sharding=None):
   rng = np.random.default_rng(0)
-  video = jax.device_put(rng.integers(0, 256, (batch, cfg.t_size, res, res, 3), np.uint8))
+  res = cfg.input_resolution
+  video = rng.integers(0, 256, (batch, cfg.t_size, res, res, 3), np.uint8)
+  label = rng.integers(0, cfg.num_classes, (batch,)).astype(np.int32)
+  put = lambda x, k: jax.device_put(x, (sharding or {}).get(k))
+  return put(video, "video"), put(label, "label")
+
+
+def prepare(name, mode, batch, args, attention="auto", remat="none", step="recipe"):
+  """(config, compiled step, a function running it once, FLOPs per clip) on random clips."""
+  from uniformerv2_jax.training import config_check
+  from uniformerv2_jax.training.state import create_train_state
+  from uniformerv2_jax.training.step import setup_training
+  config = recipe_config(name, batch, args, attention, remat)
+  cfg = config_check.check(config)
+  mesh = shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES})
   if mode != "train":
-    compiled = make_infer_step(graphdef).lower(state, video).compile()
-    return cfg, compiled, lambda: compiled(state, video), inference_flops_per_clip(cfg)
-  label = jax.device_put(rng.integers(0, 400, (batch,)).astype(np.int32))
+    return (cfg, *_inference(cfg, mesh, batch), inference_flops_per_clip(cfg))
+  if step == "bare":
+    return (cfg, *_bare_train(cfg, batch), train_flops_per_clip(cfg))
+  setup = setup_training(config, cfg, mesh, total_steps=1000, steps_per_epoch=100)
+  state, _ = create_train_state(setup.mdef, setup.tx, mesh, seed=0, frozen=cfg.frozen)
+  video, label = _clips(cfg, batch, setup.batch_shardings)
+  batch_ = {"video": video, "label": label}
+  compiled = setup.train_step.lower(state, batch_).compile()
+  holder = dict(state=state)
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch_)
+    return metrics["loss"]
+  return cfg, compiled, run, train_flops_per_clip(cfg)
+
+
+def _inference(cfg, mesh, batch):
+  from uniformerv2_jax.evaluation.runner import Evaluator
+  from uniformerv2_jax.model import UniFormerV2
+  evaluator = Evaluator(UniFormerV2(cfg, rngs=nnx.Rngs(0)), mesh)
+  video, _ = _clips(cfg, batch, {"video": shd.batch_sharding(mesh, 5)})
+  compiled = evaluator.step.lower(evaluator.state, video).compile()
+  return compiled, lambda: compiled(evaluator.state, video)
+
+
+def _bare_train(cfg, batch):
+  from uniformerv2_jax.model import UniFormerV2
+  graphdef, params, rest = nnx.split(UniFormerV2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  video, label = _clips(cfg, batch)
   tx = optax.adamw(1e-5, weight_decay=0.05)
-  holder = dict(state=state, opt=tx.init(params), key=jax.random.key(0))
-  compiled = make_train_step(graphdef, tx).lower(
-      state, holder["opt"], video, label, holder["key"]).compile()
+  holder = dict(state=dict(params=params, rest=rest), opt=tx.init(params), key=jax.random.key(0))
+  compiled = bare_train_step(graphdef, tx).lower(
+      holder["state"], holder["opt"], video, label, holder["key"]).compile()
 
   def run():
     holder["key"], k = jax.random.split(holder["key"])
     holder["state"], holder["opt"], loss = compiled(holder["state"], holder["opt"], video, label, k)
     return loss
-  return cfg, compiled, run, train_flops_per_clip(cfg)
+  return compiled, run
 
 
-def bench_one(name, mode, batch, attention, remat, dpe, args):
+def bench_one(name, mode, batch, attention, remat, dpe, step, args):
   layers.DEPTHWISE_IMPL = dpe
   t_compile = time.perf_counter()
-  _, _, run, flops = prepare(name, mode, batch, args, attention, remat)
+  _, _, run, flops = prepare(name, mode, batch, args, attention, remat, step)
   jax.block_until_ready(run())
   t_compile = time.perf_counter() - t_compile
   sec = timed(run, args.steps)
   clips = batch / sec
   peak = device_peak_flops()
-  return dict(model=name, mode=mode, batch=batch, attention=attention, remat=remat,
-              dpe=dpe, compile_s=t_compile, step_ms=sec * 1e3, clips_s=clips,
-              tflops=clips * flops / 1e12 / jax.device_count(),
+  return dict(model=name, mode=mode, step=step if mode == "train" else "eval", batch=batch,
+              attention=attention, remat=remat, dpe=dpe, compile_s=t_compile, step_ms=sec * 1e3,
+              clips_s=clips, tflops=clips * flops / 1e12 / jax.device_count(),
               mfu=None if peak is None else clips * flops / jax.device_count() / peak)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--models", default="b16,l14")
+  p.add_argument("--models", default="b16,l14", help="b16|l14|l14_336 (comma list)")
   p.add_argument("--modes", default="train,inference")
+  p.add_argument("--step", default="recipe", help="train step: recipe|bare (comma list)")
   p.add_argument("--train_batch", default="32", help="comma list, e.g. 32,64")
   p.add_argument("--infer_batch", default="64")
   p.add_argument("--l14_train_batch", default="8,24", help="24: the best measured on an H100")
   p.add_argument("--l14_infer_batch", default="32")
   p.add_argument("--attention", default="auto", help="auto|xla|cudnn (comma list)")
-  p.add_argument("--remat", default="none")
+  p.add_argument("--remat", default="none", help="none|full|... (comma list)")
+  p.add_argument("--remat_blocks", type=int, default=-1,
+                 help="remat only the first N backbone blocks (-1: all)")
+  p.add_argument("--randaugment", default="none", choices=("none", "crops"),
+                 help="crops: RandAugment on the device inside the train step")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--scan", action="store_true")
   p.add_argument("--dpe", default=layers.DEPTHWISE_IMPL,
@@ -144,23 +196,27 @@ def main():
       args.dpe.split(",")):
     big = name.startswith("l14")
     key = ("l14_" if big else "") + ("train_batch" if mode == "train" else "infer_batch")
-    for batch in ints(getattr(args, key)):
+    for batch, step in itertools.product(ints(getattr(args, key)),
+                                         args.step.split(",") if mode == "train" else ["-"]):
       try:
-        rows.append(bench_one(name, mode, batch, attention, remat, dpe, args))
+        rows.append(bench_one(name, mode, batch, attention, remat, dpe, step, args))
       except Exception as e:  # noqa: BLE001 - report and keep benchmarking the rest
-        rows.append(dict(model=name, mode=mode, batch=batch, attention=attention, remat=remat,
-                         dpe=dpe, error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
+        rows.append(dict(model=name, mode=mode, step=step if mode == "train" else "eval",
+                         batch=batch, attention=attention,
+                         remat=remat, dpe=dpe,
+                         error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
       print(rows[-1], flush=True)
   dev = jax.devices()[0]
   print(f"\nDevice: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
-        f"jax {jax.__version__}, dtype {args.dtype}, scan={args.scan}, attn_pad={args.attn_pad}; "
+        f"jax {jax.__version__}, dtype {args.dtype}, scan={args.scan}, attn_pad={args.attn_pad}, "
+        f"remat_blocks={args.remat_blocks}, randaugment={args.randaugment}; "
         f"MFU vs peak {device_peak_flops()}")
-  print("| model | mode | batch | attention | remat | dpe | clips/s | step ms | TFLOP/s/dev | MFU "
-        "| compile s |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | mode | step | batch | attention | remat | dpe | clips/s | step ms | TFLOP/s/dev "
+        "| MFU | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    head = (f"| {r['model']} | {r['mode']} | {r['batch']} | {r['attention']} | {r['remat']} | "
-            f"{r['dpe']} |")
+    head = (f"| {r['model']} | {r['mode']} | {r['step']} | {r['batch']} | {r['attention']} | "
+            f"{r['remat']} | {r['dpe']} |")
     if "error" in r:
       print(f"{head} {r['error']} | | | | |")
       continue

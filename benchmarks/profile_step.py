@@ -212,6 +212,10 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--attention", default="auto")
   p.add_argument("--remat", default="none")
+  p.add_argument("--remat_blocks", type=int, default=-1)
+  p.add_argument("--step", default="recipe", choices=("recipe", "bare"),
+                 help="train step: train.py's (recipe) or forward + backward + AdamW (bare)")
+  p.add_argument("--randaugment", default="none", choices=("none", "crops"))
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--dpe", default=layers.DEPTHWISE_IMPL)
   p.add_argument("--attn_pad", type=int, default=layers.TOKEN_PAD_MULTIPLE["cudnn"])
@@ -227,7 +231,8 @@ def main():
   layers.DEPTHWISE_IMPL = args.dpe
   layers.TOKEN_PAD_MULTIPLE["cudnn"] = args.attn_pad
   name = "tiny" if args.tiny else args.model
-  _, compiled, run, _ = prepare(name, args.mode, args.batch, args, args.attention, args.remat)
+  _, compiled, run, _ = prepare(name, args.mode, args.batch, args, args.attention, args.remat,
+                                args.step)
   for _ in range(3):
     jax.block_until_ready(run())
   start = time.perf_counter()
@@ -242,7 +247,7 @@ def main():
     _write(args.out, f"{name}_{args.mode}", hlo, costs, info)
   dev = jax.devices()[0]
   print(f"\nDevice: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; {name} "
-        f"{args.mode} batch {args.batch}, attention {args.attention} (cuDNN pad "
+        f"{args.mode} ({args.step} step) batch {args.batch}, attention {args.attention} (cuDNN pad "
         f"{args.attn_pad}), dpe {args.dpe}, remat {args.remat}")
   print(f"wall step {step_ms:.1f} ms; profiled kernels sum {sum(costs.values()) / 1e3:.1f} ms "
         f"over {len(costs)} instructions (trace {trace_bytes / 1e6:.1f} MB)")

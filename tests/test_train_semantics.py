@@ -49,21 +49,14 @@ PARAM_ATOL = 1e-6
 def _jitted_step(config):
   """(model def, mesh, optimiser, state shardings, train step) built as the training loop builds
   them: the same program, so a second build is read from the persistent compilation cache."""
-  from uniformerv2_jax import sharding as shd
   from uniformerv2_jax.training.loop import build_model_config, make_mesh
-  from uniformerv2_jax.training.optim import make_optimizer
-  from uniformerv2_jax.training.state import model_def, state_shardings
-  from uniformerv2_jax.training.step import jit_train_step, make_train_step
+  from uniformerv2_jax.training.step import setup_training
   cfg = build_model_config(config)
   mesh = make_mesh(config)
   tc = config.train
-  tx, schedule = make_optimizer(tc, int(round(tc.epochs * tc.steps_per_epoch)), tc.steps_per_epoch)
-  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
-  shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
-  batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}
-  step = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
-                        batch_shards, mesh)
-  return mdef, mesh, tx, shardings, step
+  setup = setup_training(config, cfg, mesh, int(round(tc.epochs * tc.steps_per_epoch)),
+                         tc.steps_per_epoch)
+  return setup.mdef, mesh, setup.tx, setup.shardings, setup.train_step
 
 
 def _initial_state() -> dict:
@@ -402,6 +395,25 @@ def test_grad_accumulation_on_a_mesh(accum_runs):
   metrics = [dict(zip(("loss", "grad_norm", "top1", "lr"), map(float, row)))
              for row in z["metrics"]]
   _assert_same_step((state, metrics), accum_runs["accum 1"], "accum 4 on a 2x2 mesh")
+
+
+# ---------------------------------------------------------------------------------------
+# The fake dataset's validation split (training/data_io.py)
+
+@pytest.mark.parametrize("num_val,per_host", [(10, 3), (12, 3), (5, 4)])
+def test_fake_validation_counts_each_clip_once(num_val, per_host, monkeypatch):
+  """Over all hosts, the masked-in rows of the fake validation batches are num_val clips,
+  whatever the batch (the last batch is padding past them)."""
+  from uniformerv2_jax.training import data_io
+  config = tiny_config({"dataset.num_val": num_val})
+  counts = []
+  for host in range(2):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+    batches = list(data_io.eval_batches(config, None, per_host))
+    assert all(b["video"].shape[0] == per_host == len(b["mask"]) for b in batches)
+    counts.append(sum(int(b["mask"].sum()) for b in batches))
+  assert sum(counts) == num_val, counts
 
 
 if __name__ == "__main__":  # accum_runs' subprocess: 4 CPU devices

@@ -1,16 +1,17 @@
 """Video data: TFDS datasets, tf.data input pipelines, sampling, augmentation.
 
-Light helpers (numpy/PyAV) import eagerly; the TensorFlow pipeline and the JAX augmentations load
-on first use, so ``predict`` and build workers do not pay for TensorFlow.
+Light helpers (numpy) import eagerly; video decoding (PyAV), the TensorFlow pipeline and the JAX
+augmentations load on first use, so ``predict`` and build workers do not pay for TensorFlow and
+the train step's normalisation needs neither PyAV nor TensorFlow.
 """
 
 import importlib
 
 from .sampling import segment_bounds, uniform_sample
 from .spatial import eval_views, resize_bilinear
-from .video_io import VideoDecodeError, decode_video
 
 _LAZY = {
+    "decode_video": "video_io", "VideoDecodeError": "video_io",
     "normalize": "augment", "randaugment": "augment", "StoredVideos": "reader",
     "train_dataset": "pipeline", "eval_dataset": "pipeline", "steps_per_epoch": "pipeline",
     "eval_batches": "pipeline", "load_builder": "pipeline",
@@ -19,8 +20,7 @@ _LAZY = {
     "prepare_synthetic_dataset": "synthetic", "write_synthetic_videos": "synthetic",
 }
 
-__all__ = ["uniform_sample", "segment_bounds", "eval_views", "resize_bilinear", "decode_video",
-           "VideoDecodeError", *_LAZY]
+__all__ = ["uniform_sample", "segment_bounds", "eval_views", "resize_bilinear", *_LAZY]
 
 
 def __getattr__(name):

@@ -75,6 +75,12 @@ class Evaluator:
                          out_shardings=batch_sharding(mesh, 2))
 
   @property
+  def step(self):
+    """The jitted step, (self.state, global uint8 video laid out over the mesh) -> probabilities
+    (benchmarks time it on a batch already on the devices)."""
+    return self._step
+
+  @property
   def batch_divisor(self) -> int:
     """Each host's batch must be a multiple of this (its share of the data x fsdp devices)."""
     return max(1, global_batch_size(self.mesh, 1) // jax.process_count())

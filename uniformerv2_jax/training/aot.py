@@ -17,10 +17,8 @@ import jax.numpy as jnp
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax.flops import device_peak_flops, train_flops_per_clip
 from uniformerv2_jax.training import config_check
-from uniformerv2_jax.training.optim import make_optimizer
-from uniformerv2_jax.training.state import (abstract_state, model_def, state_shapes,
-                                            state_shardings)
-from uniformerv2_jax.training.step import jit_train_step, make_train_step
+from uniformerv2_jax.training.state import abstract_state, state_shapes
+from uniformerv2_jax.training.step import setup_training
 
 
 def topology_devices(topology: str):
@@ -52,16 +50,14 @@ def compile_for_topology(config, topology: str) -> dict:
   mesh = shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES}, devices)
   tc = config.train
   steps_per_epoch = tc.steps_per_epoch or 1000
-  tx, schedule = make_optimizer(tc, int(tc.epochs * steps_per_epoch), steps_per_epoch)
-  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
-  shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
-  state = abstract_state(state_shapes(mdef, tx, cfg.frozen), shardings)
+  setup = setup_training(config, cfg, mesh, int(tc.epochs * steps_per_epoch), steps_per_epoch)
+  state = abstract_state(state_shapes(setup.mdef, setup.tx, cfg.frozen), setup.shardings)
   b, t, s = tc.global_batch_size, config.input.clip_len, config.input.crop_size
   batch = {"video": jax.ShapeDtypeStruct((b, t, s, s, 3), jnp.uint8,
-                                         sharding=shd.batch_sharding(mesh, 5)),
-           "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shd.batch_sharding(mesh, 1))}
-  step = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
-                        {k: v.sharding for k, v in batch.items()}, mesh)
+                                         sharding=setup.batch_shardings["video"]),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32,
+                                         sharding=setup.batch_shardings["label"])}
+  step = setup.train_step
   t0 = time.time()
   try:
     compiled = step.lower(state, batch).compile()

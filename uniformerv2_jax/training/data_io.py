@@ -144,10 +144,12 @@ def eval_batches(config, builder, per_host: int) -> Iterator[dict]:
   pi, pc = jax.process_index(), jax.process_count()
   limit = config.train.max_eval_batches
   if config.dataset.name == FAKE:
-    n = -(-config.dataset.num_val // (per_host * pc))
+    total = config.dataset.num_val
+    n = -(-total // (per_host * pc))
     for i in range(n if limit is None else min(n, limit)):
       b = _fake_batch(config, config.train.seed, i, per_host, pi, False)
-      b["mask"] = np.ones((per_host,), np.bool_)
+      first = (i * pc + pi) * per_host  # global row index: rows past num_val are padding
+      b["mask"] = np.arange(first, first + per_host) < total
       yield b
     return
   from uniformerv2_jax import data

@@ -15,11 +15,8 @@ from uniformerv2_jax import storage
 from uniformerv2_jax.training import config_check, data_io
 from uniformerv2_jax.training.config_check import build_model_config
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
-from uniformerv2_jax.training.optim import make_optimizer
-from uniformerv2_jax.training.state import (create_train_state, model_def, state_shapes,
-                                            state_shardings)
-from uniformerv2_jax.training.step import (jit_eval_step, jit_train_step, make_eval_step,
-                                           make_train_step)
+from uniformerv2_jax.training.state import create_train_state, state_shapes
+from uniformerv2_jax.training.step import jit_eval_step, make_eval_step, setup_training
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets; H100 SXM: 989e12 dense, not the
 # 1979e12 "with sparsity"). Matched against jax's device_kind, lower-case.
@@ -195,9 +192,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_per_host = (tc.eval_batch_size or tc.global_batch_size) // pc
   eval_every = max(int(round(tc.eval_every_epochs * steps_per_epoch)), 1)
 
-  tx, schedule = make_optimizer(tc, total_steps, steps_per_epoch)
-  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
-  shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
+  setup = setup_training(config, cfg, mesh, total_steps, steps_per_epoch)
+  mdef, tx, shardings, p_train = setup.mdef, setup.tx, setup.shardings, setup.train_step
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
   stream = _input_stream(config, steps_per_epoch)
   meta_base = {"model_config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
@@ -216,11 +212,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   new_head=config.init_new_head)
   start = int(jax.device_get(state["step"]))
 
-  batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}
-  p_train = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
-                           batch_shards, mesh)
   p_eval = jit_eval_step(make_eval_step(mdef), shardings["params"], shardings["batch_stats"],
-                         dict(batch_shards, mask=shd.batch_sharding(mesh, 1)), mesh)
+                         dict(setup.batch_shardings, mask=shd.batch_sharding(mesh, 1)), mesh)
   writer = Writer(storage.absolute(tc.tensorboard_dir or os.path.join(workdir, "tensorboard")))
   preempt = PreemptionWatcher()
   log(f"{cfg.layers}-layer UniFormerV2 width {cfg.width}, {total_steps} steps "

@@ -9,6 +9,7 @@ device keeps its own rows.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax.training import data_io
-from uniformerv2_jax.training.optim import merge_trainable, trainable
+from uniformerv2_jax.training.optim import make_optimizer, merge_trainable, trainable
+from uniformerv2_jax.training.state import ModelDef, model_def, state_shardings
 
 
 def _data_fns():
@@ -140,3 +142,26 @@ def jit_eval_step(eval_step, param_shardings, stat_shardings, batch_shards, mesh
   rep = shd.replicated(mesh)
   return jax.jit(eval_step, in_shardings=(param_shardings, stat_shardings, batch_shards),
                  out_shardings=rep)
+
+
+class TrainSetup(NamedTuple):
+  """A recipe's train step for a mesh, and what it is made of."""
+  mdef: ModelDef
+  tx: optax.GradientTransformation
+  schedule: Callable
+  shardings: dict        # of the train state
+  batch_shardings: dict  # {"video", "label"}
+  train_step: Any        # jitted; donates the state
+
+
+def setup_training(config, cfg, mesh: Mesh, total_steps: int, steps_per_epoch: int) -> TrainSetup:
+  """The jitted train step that train.py runs for `config` (model config `cfg`) on `mesh`:
+  the recipe's optimiser and schedule, the state's shardings, the batch split over the mesh.
+  AOT compilation and the throughput benchmark build theirs here too."""
+  tx, schedule = make_optimizer(config.train, total_steps, steps_per_epoch)
+  mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
+  shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
+  batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}
+  step = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
+                        batch_shards, mesh)
+  return TrainSetup(mdef, tx, schedule, shardings, batch_shards, step)
