@@ -104,13 +104,20 @@ d = SimpleNamespace(name="synthetic", data_dir=sys.argv[4], num_train=4, num_val
                     synthetic_speed=synthetic.SPEED)
 builder = data_io.source(SimpleNamespace(dataset=d))
 print("train examples:", builder.info.splits["train"].num_examples, flush=True)
+
+# A rerun of a finished run takes its last evaluation from summary.json, as process 0 reads it
+# (here only process 0's folder has one): a host that evaluated alone would hang the others.
+from uniformerv2_jax.training.loop import _summary_eval
+print("summary eval:", repr(_summary_eval(sys.argv[5 + jax.process_index()], 4)), flush=True)
 '''
 
 
 def test_two_hosts_unwritable_workdir_and_shared_synthetic_dataset(tmp_path):
   """train.py and eval.py check the workdir on process 0; the other hosts must stop too,
   not wait at the first collective until the coordination service times out. Then both
-  build the synthetic dataset on their shared disk: process 0 renders it, 1 finds it."""
+  build the synthetic dataset on their shared disk: process 0 renders it, 1 finds it. Both
+  take process 0's reading of summary.json, bit for bit."""
+  import json
   import socket
   import subprocess
   import sys
@@ -119,8 +126,14 @@ def test_two_hosts_unwritable_workdir_and_shared_synthetic_dataset(tmp_path):
     port = s.getsockname()[1]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  runs = [tmp_path / "run0", tmp_path / "run1"]
+  for run in runs:
+    run.mkdir()
+  history = [{"step": 4, "top1": 0.1 + 0.2, "loss": 1 / 3, "count": 64.0}]  # not float32s
+  (runs[0] / "summary.json").write_text(json.dumps({"history": history}))
   procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i),
-                             str(tmp_path / "work"), str(tmp_path / "tfds")], env=env,
+                             str(tmp_path / "work"), str(tmp_path / "tfds"), *map(str, runs)],
+                            env=env,
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
@@ -133,6 +146,7 @@ def test_two_hosts_unwritable_workdir_and_shared_synthetic_dataset(tmp_path):
           in outs[1]), outs[1]
   for out in outs:
     assert "train examples: 4" in out, out
+    assert f"summary eval: {dict(top1=0.1 + 0.2, loss=1 / 3, count=64.0)!r}" in out, out
 
 
 def test_an_incomplete_explicit_setup_is_one_message():

@@ -37,6 +37,18 @@ def process_0_value(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def process_0_floats(values) -> list[float]:
+  """Process 0's float `values` on every process, bit for bit (each float64 travels as two
+  int32 words: a float32 collective would round them); `values` itself on a single process."""
+  import jax
+  import numpy as np
+  words = np.asarray(values, np.float64).view(np.int32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    words = np.asarray(multihost_utils.broadcast_one_to_all(words), np.int32)
+  return [float(v) for v in words.view(np.float64)]
+
+
 def on_process_0(fn, error_elsewhere: Exception):
   """`fn()` on process 0 alone (work meant once, e.g. on a shared disk): its value there, None
   on the others. If it raises, every process raises (process 0 its own error, the others

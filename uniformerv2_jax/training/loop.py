@@ -12,6 +12,7 @@ from flax import nnx
 
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax import storage
+from uniformerv2_jax.distributed import process_0_floats
 from uniformerv2_jax.training import config_check, data_io
 from uniformerv2_jax.training.config_check import build_model_config
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
@@ -319,14 +320,22 @@ def _eval_due(step: int, eval_every: int, total_steps: int) -> bool:
   return step > 0 and (step % eval_every == 0 or step == total_steps)
 
 
+_EVAL_KEYS = ("top1", "loss", "count")
+
+
 def _summary_eval(workdir: str, step: int) -> dict | None:
-  """The evaluation of `step` that summary.json records (or None)."""
-  try:
-    summary = json.loads(storage.read_text(os.path.join(workdir, "summary.json")))
-    h = next(h for h in summary["history"] if h["step"] == step)
-    return {"top1": float(h["top1"]), "loss": float(h["loss"]), "count": float(h["count"])}
-  except Exception:  # noqa: BLE001  (missing, another run's, cut short: evaluate instead)
-    return None
+  """The evaluation of `step` that summary.json records (or None), as process 0 reads it: every
+  host takes the same branch (a host that evaluated alone would wait at a collective forever)."""
+  found = None
+  if jax.process_index() == 0:
+    try:
+      summary = json.loads(storage.read_text(os.path.join(workdir, "summary.json")))
+      h = next(h for h in summary["history"] if h["step"] == step)
+      found = [float(h[k]) for k in _EVAL_KEYS]
+    except Exception:  # noqa: BLE001  (missing, another run's, cut short: evaluate instead)
+      pass
+  flag, *values = process_0_floats([found is not None, *(found or [0.0] * len(_EVAL_KEYS))])
+  return dict(zip(_EVAL_KEYS, values)) if flag else None
 
 
 def _record_eval(ev, step, history, best, best_step, writer):
