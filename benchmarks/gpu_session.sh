@@ -12,13 +12,14 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:.
-fi
+need=""  # carried wheels, installed only for what the image lacks
 python3 -c "import flax,sys; v=tuple(int(x) for x in flax.__version__.split('.')[:3]); sys.exit(v < (0,12,8))" \
-  || echo "warning: flax older than 0.12.8 (carry its wheel in .whl)"
-python3 -c "import ml_collections" || echo "warning: no ml_collections (carry its wheel in .whl)"
+  || need="$need .whl/flax-*.whl"
+python3 -c "import ml_collections" 2> /dev/null || need="$need .whl/ml_collections-*.whl"
+if [ -n "$need" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $need \
+    && export PYTHONPATH=/tmp/site:. || echo "warning: could not install$need (see above)"
+fi
 python3 -c "import flax, jax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 for run in "$@"; do
   case "$run" in profile\ *)

@@ -2,7 +2,7 @@
 
   python benchmarks/model_throughput.py                       # B/16 and L/14, 8x224, bf16
   python benchmarks/model_throughput.py --models b16 --train_batch 32 --infer_batch 64 \
-      --attention xla,cudnn --remat none --step recipe,bare
+      --attention xla,cudnn --remat none,full --step recipe,bare
 
 The train step is, by default, the one train.py runs (`--step recipe`): the model's K710 recipe
 (configs/k710_*.py, its optimiser: gradient clipping, AdamW with the weight-decay mask, the
@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import time
@@ -44,11 +45,15 @@ RECIPES = {"b16": "configs.k710_b16", "l14": "configs.k710_l14", "l14_336": "con
 
 
 def recipe_config(name, batch, args, attention, remat):
-  """The K710 recipe of `name` on fake data, `batch` clips a step, with the benchmark's knobs."""
+  """The K710 recipe of `name` on fake data, `batch` clips a step, with the benchmark's knobs
+  (remat "recipe" and remat_blocks None keep the recipe's)."""
   config = importlib.import_module(RECIPES[name]).get_config()
-  config.model.update(dtype=args.dtype, scan_layers=args.scan, remat=remat,
-                      remat_blocks=args.remat_blocks, attention=attention,
+  config.model.update(dtype=args.dtype, scan_layers=args.scan, attention=attention,
                       **(TINY if name == "tiny" else {}))
+  if remat != "recipe":
+    config.model.remat = remat
+  if args.remat_blocks is not None:
+    config.model.remat_blocks = args.remat_blocks
   if name == "tiny":
     config.input.crop_size = TINY["input_resolution"]
   config.dataset.name = "fake"
@@ -98,7 +103,7 @@ def _clips(cfg, batch, sharding=None):
   return put(video, "video"), put(label, "label")
 
 
-def prepare(name, mode, batch, args, attention="auto", remat="none", step="recipe"):
+def prepare(name, mode, batch, args, attention="auto", remat="recipe", step="recipe"):
   """(config, compiled step, a function running it once, FLOPs per clip) on random clips."""
   from uniformerv2_jax.training import config_check
   from uniformerv2_jax.training.state import create_train_state
@@ -134,6 +139,7 @@ def _inference(cfg, mesh, batch):
 
 def _bare_train(cfg, batch):
   from uniformerv2_jax.model import UniFormerV2
+  cfg = dataclasses.replace(cfg, num_classes=400)  # as measured before the recipe step
   graphdef, params, rest = nnx.split(UniFormerV2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   video, label = _clips(cfg, batch)
   tx = optax.adamw(1e-5, weight_decay=0.05)
@@ -151,16 +157,19 @@ def _bare_train(cfg, batch):
 def bench_one(name, mode, batch, attention, remat, dpe, step, args):
   layers.DEPTHWISE_IMPL = dpe
   t_compile = time.perf_counter()
-  _, _, run, flops = prepare(name, mode, batch, args, attention, remat, step)
+  cfg, _, run, flops = prepare(name, mode, batch, args, attention, remat, step)
   jax.block_until_ready(run())
   t_compile = time.perf_counter() - t_compile
   sec = timed(run, args.steps)
   clips = batch / sec
   peak = device_peak_flops()
+  devices = 1 if step == "bare" and mode == "train" else jax.device_count()  # bare: unsharded
+  remat = cfg.remat + (f" (first {cfg.remat_blocks})"
+                       if cfg.remat != "none" and cfg.remat_blocks >= 0 else "")
   return dict(model=name, mode=mode, step=step if mode == "train" else "eval", batch=batch,
-              attention=attention, remat=remat, dpe=dpe, compile_s=t_compile, step_ms=sec * 1e3,
-              clips_s=clips, tflops=clips * flops / 1e12 / jax.device_count(),
-              mfu=None if peak is None else clips * flops / jax.device_count() / peak)
+              devices=devices, attention=attention, remat=remat, dpe=dpe, compile_s=t_compile,
+              step_ms=sec * 1e3, clips_s=clips, tflops=clips * flops / 1e12 / devices,
+              mfu=None if peak is None else clips * flops / devices / peak)
 
 
 def main():
@@ -173,9 +182,10 @@ def main():
   p.add_argument("--l14_train_batch", default="8,24", help="24: the best measured on an H100")
   p.add_argument("--l14_infer_batch", default="32")
   p.add_argument("--attention", default="auto", help="auto|xla|cudnn (comma list)")
-  p.add_argument("--remat", default="none", help="none|full|... (comma list)")
-  p.add_argument("--remat_blocks", type=int, default=-1,
-                 help="remat only the first N backbone blocks (-1: all)")
+  p.add_argument("--remat", default="recipe",
+                 help="recipe (the recipe's: none, full for L/14@336)|none|full|... (comma list)")
+  p.add_argument("--remat_blocks", type=int, default=None,
+                 help="remat only the first N backbone blocks (-1: all; default: the recipe's)")
   p.add_argument("--randaugment", default="none", choices=("none", "crops"),
                  help="crops: RandAugment on the device inside the train step")
   p.add_argument("--dtype", default="bfloat16")
@@ -187,6 +197,9 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--tiny", action="store_true", help="a small model, for CPU smoke runs")
   args = p.parse_args()
+  steps = args.step.split(",")
+  if set(steps) - {"recipe", "bare"}:
+    p.error(f"--step {args.step}: use recipe, bare or both")
   layers.TOKEN_PAD_MULTIPLE["cudnn"] = args.attn_pad
   models = ["tiny"] if args.tiny else args.models.split(",")
   ints = lambda s: [int(b) for b in s.split(",")]
@@ -197,26 +210,26 @@ def main():
     big = name.startswith("l14")
     key = ("l14_" if big else "") + ("train_batch" if mode == "train" else "infer_batch")
     for batch, step in itertools.product(ints(getattr(args, key)),
-                                         args.step.split(",") if mode == "train" else ["-"]):
+                                         steps if mode == "train" else ["-"]):
       try:
         rows.append(bench_one(name, mode, batch, attention, remat, dpe, step, args))
       except Exception as e:  # noqa: BLE001 - report and keep benchmarking the rest
         rows.append(dict(model=name, mode=mode, step=step if mode == "train" else "eval",
-                         batch=batch, attention=attention,
+                         batch=batch, devices="-", attention=attention,
                          remat=remat, dpe=dpe,
                          error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
       print(rows[-1], flush=True)
   dev = jax.devices()[0]
   print(f"\nDevice: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
         f"jax {jax.__version__}, dtype {args.dtype}, scan={args.scan}, attn_pad={args.attn_pad}, "
-        f"remat_blocks={args.remat_blocks}, randaugment={args.randaugment}; "
+        f"randaugment={args.randaugment}; "
         f"MFU vs peak {device_peak_flops()}")
-  print("| model | mode | step | batch | attention | remat | dpe | clips/s | step ms | TFLOP/s/dev "
-        "| MFU | compile s |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | mode | step | batch | devices | attention | remat | dpe | clips/s | step ms "
+        "| TFLOP/s/dev | MFU | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    head = (f"| {r['model']} | {r['mode']} | {r['step']} | {r['batch']} | {r['attention']} | "
-            f"{r['remat']} | {r['dpe']} |")
+    head = (f"| {r['model']} | {r['mode']} | {r['step']} | {r['batch']} | {r['devices']} | "
+            f"{r['attention']} | {r['remat']} | {r['dpe']} |")
     if "error" in r:
       print(f"{head} {r['error']} | | | | |")
       continue

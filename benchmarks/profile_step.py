@@ -211,8 +211,8 @@ def main():
   p.add_argument("--mode", default="train", choices=("train", "inference"))
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--attention", default="auto")
-  p.add_argument("--remat", default="none")
-  p.add_argument("--remat_blocks", type=int, default=-1)
+  p.add_argument("--remat", default="recipe", help="recipe (the recipe's)|none|full|...")
+  p.add_argument("--remat_blocks", type=int, default=None, help="default: the recipe's")
   p.add_argument("--step", default="recipe", choices=("recipe", "bare"),
                  help="train step: train.py's (recipe) or forward + backward + AdamW (bare)")
   p.add_argument("--randaugment", default="none", choices=("none", "crops"))
@@ -231,7 +231,7 @@ def main():
   layers.DEPTHWISE_IMPL = args.dpe
   layers.TOKEN_PAD_MULTIPLE["cudnn"] = args.attn_pad
   name = "tiny" if args.tiny else args.model
-  _, compiled, run, _ = prepare(name, args.mode, args.batch, args, args.attention, args.remat,
+  cfg, compiled, run, _ = prepare(name, args.mode, args.batch, args, args.attention, args.remat,
                                 args.step)
   for _ in range(3):
     jax.block_until_ready(run())
@@ -248,7 +248,8 @@ def main():
   dev = jax.devices()[0]
   print(f"\nDevice: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; {name} "
         f"{args.mode} ({args.step} step) batch {args.batch}, attention {args.attention} (cuDNN pad "
-        f"{args.attn_pad}), dpe {args.dpe}, remat {args.remat}")
+        f"{args.attn_pad}), dpe {args.dpe}, remat {cfg.remat} (blocks {cfg.remat_blocks}), "
+        f"randaugment {args.randaugment}")
   print(f"wall step {step_ms:.1f} ms; profiled kernels sum {sum(costs.values()) / 1e3:.1f} ms "
         f"over {len(costs)} instructions (trace {trace_bytes / 1e6:.1f} MB)")
   if not costs:

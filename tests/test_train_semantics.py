@@ -416,6 +416,37 @@ def test_fake_validation_counts_each_clip_once(num_val, per_host, monkeypatch):
   assert sum(counts) == num_val, counts
 
 
+BARE_MACHINE = r"""
+import sys
+for name in ("av", "tensorflow", "tensorflow_datasets"):
+  sys.modules[name] = None  # any import of them raises ImportError
+sys.path.insert(0, sys.argv[1])
+import jax
+import jax.numpy as jnp
+from train_helper import tiny_config
+from uniformerv2_jax.training.loop import build_model_config, make_mesh
+from uniformerv2_jax.training.state import abstract_state, state_shapes
+from uniformerv2_jax.training.step import setup_training
+config = tiny_config({"input.randaugment_on": "crops"})
+cfg, mesh = build_model_config(config), make_mesh(config)
+setup = setup_training(config, cfg, mesh, 4, 4)
+state = abstract_state(state_shapes(setup.mdef, setup.tx, cfg.frozen), setup.shardings)
+b, t, s = 16, config.input.clip_len, config.input.crop_size
+batch = {"video": jax.ShapeDtypeStruct((b, t, s, s, 3), jnp.uint8),
+         "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+print("lowered:", type(setup.train_step.lower(state, batch)).__name__)
+"""
+
+
+def test_the_train_step_needs_neither_pyav_nor_tensorflow():
+  """An accelerator machine without them (the GPU image of benchmarks/gpu_session.sh) builds
+  train.py's step, on-device normalisation and RandAugment included."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", BARE_MACHINE, TESTS], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert "lowered: Lowered" in out.stdout, out.stdout + out.stderr
+
+
 if __name__ == "__main__":  # accum_runs' subprocess: 4 CPU devices
   assert jax.device_count() == 4, jax.devices()
   start = dict(np.load(sys.argv[1]))

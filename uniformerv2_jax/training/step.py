@@ -161,7 +161,7 @@ def setup_training(config, cfg, mesh: Mesh, total_steps: int, steps_per_epoch: i
   tx, schedule = make_optimizer(config.train, total_steps, steps_per_epoch)
   mdef = model_def(cfg, mesh, min_fsdp_size=config.mesh.get("min_fsdp_size", shd.MIN_FSDP_SIZE))
   shardings = state_shardings(mdef, tx, mesh, cfg.frozen)
-  batch_shards = {"video": shd.batch_sharding(mesh, 5), "label": shd.batch_sharding(mesh, 1)}
+  batch_shards = batch_shardings(mesh, {"video": 5, "label": 1})
   step = jit_train_step(make_train_step(mdef, tx, schedule, config, mesh), shardings,
                         batch_shards, mesh)
   return TrainSetup(mdef, tx, schedule, shardings, batch_shards, step)
