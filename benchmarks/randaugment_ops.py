@@ -1,0 +1,67 @@
+"""Host RandAugment, op by op: milliseconds per clip on one CPU core (TensorFlow, whole frames).
+
+    python benchmarks/randaugment_ops.py [--frames 8 --height 320 --width 427] [--repeats 5]
+
+Times each op of ``uniformerv2_jax/data/tf_augment.py`` as the input pipeline runs it (uint8 in,
+float32 arithmetic, ``tf.switch_case`` on the op drawn) on random frames of the given size (the
+default: 8 frames of a 4:3 video stored at short side 320), one intra-op thread, so that the
+numbers are CPU time per clip. The last row is the expected RandAugment cost of a clip: the
+mean over the ops times the ops a clip gets on average (layers x probability, timm's m7-n4
+with probability 0.5). Prints one table naming the CPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--height", type=int, default=320)
+    ap.add_argument("--width", type=int, default=427)
+    ap.add_argument("--magnitude", type=float, default=7.0)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prob", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from benchmarks.input_pipeline import cpu_name
+    from uniformerv2_jax.data import tf_augment
+    from uniformerv2_jax.data.augment import OPS
+
+    rng = np.random.default_rng(0)
+    clip = tf.constant(rng.integers(0, 256, (args.frames, args.height, args.width, 3), np.uint8))
+    run = tf.function(lambda x, op: tf.cast(
+        tf_augment.apply_op(x, op, args.magnitude, 1.0), tf.uint8))
+    rows = []
+    for i, name in enumerate(OPS):
+        op = tf.constant(i)
+        run(clip, op).numpy()  # trace + warm-up
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            run(clip, op).numpy()
+        rows.append((name, (time.perf_counter() - start) / args.repeats * 1e3))
+    mean = sum(ms for _, ms in rows) / len(rows)
+    print(f"\nCPU: {cpu_name()}, one core, TensorFlow {tf.__version__}; clip "
+          f"{args.frames}x{args.height}x{args.width}x3 uint8, magnitude {args.magnitude}")
+    print("| op | ms per clip |\n|---|---|")
+    for name, ms in sorted(rows, key=lambda r: -r[1]):
+        print(f"| {name} | {ms:.1f} |")
+    print(f"| mean over ops | {mean:.1f} |")
+    print(f"| expected per clip ({args.layers} layers x p {args.prob}) | "
+          f"{mean * args.layers * args.prob:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
