@@ -39,6 +39,19 @@ def test_each_op_matches_the_accelerator_version(frames, name):
                                                                 (diff > 0).mean())
 
 
+def test_xla_compiled_ops_equal_tensorflow_kernels():
+    """The ops XLA compiles give the bits TensorFlow's own kernels give, on frames large enough
+    for vectorised loops (and with saturated rows: AutoContrast/Contrast edge cases)."""
+    rng = np.random.default_rng(1)
+    clip = np.clip(np.round(rng.normal(128, 60, (3, 40, 72, 3))), 0, 255).astype(np.float32)
+    clip[2, :9] = 255
+    for op, (name, kernels) in enumerate(tf_augment._BRANCHES.items()):
+        for mag, sign in ((7.0, 1.0), (3.3, -1.0), (10.0, 1.0), (8.6, -1.0)):
+            want = kernels(tf.constant(clip), tf.constant(mag), tf.constant(sign)).numpy()
+            got = tf_augment.apply_op(tf.constant(clip), op, mag, sign).numpy()
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} m={mag} sign={sign}")
+
+
 def test_randaugment_clip_level_draws(frames):
     clip = tf.constant(np.repeat(frames[:1], 3, 0).astype(np.uint8))  # three equal frames
     seed = tf.constant([3, 4], tf.int64)

@@ -4,7 +4,7 @@ the full frames, mmaction2 after a short-side resize; both before the crop).
 
 The ops, magnitudes and arithmetic are those of ``augment.py`` (the accelerator version, which
 documents them against timm/PIL); the tests compare the two op by op. Each layer runs only the
-op it drew (``tf.switch_case``), on float32 0-255 frames (T, H, W, 3).
+op it drew (``tf.switch_case``), in float32 arithmetic on 0-255 frames (T, H, W, 3).
 """
 from __future__ import annotations
 
@@ -159,13 +159,34 @@ _BRANCHES = {
 }
 assert tuple(_BRANCHES) == OPS
 
+def _on_uint8(fn):
+    """``fn`` taking and giving uint8 frames: every op's values are integers in 0..255, so the
+    layers pass a quarter of the bytes and the casts fuse into the compiled ops."""
+    def op(frames, mag, sign):
+        return tf.cast(fn(tf.cast(frames, tf.float32), mag, sign), tf.uint8)
+    return op
+
+
+# Each op compiled by XLA where it can be: its element-wise passes fuse into one, where
+# TensorFlow's CPU kernels make a pass over the frames each (benchmarks/randaugment_ops.py).
+# XLA compiles once per frame size. The warps (ImageProjectiveTransform) and Equalize (a
+# bincount of run-time length) have no XLA kernel and run as TensorFlow ops.
+_NO_XLA = ("Equalize", "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+_OPS_UINT8 = [_on_uint8(fn) if name in _NO_XLA else
+              tf.function(_on_uint8(fn), jit_compile=True, reduce_retracing=True)
+              for name, fn in _BRANCHES.items()]
+
+
+def _apply_uint8(frames, op, mag, sign):
+    branches = [lambda fn=fn: fn(frames, mag, sign) for fn in _OPS_UINT8]
+    return tf.switch_case(tf.cast(op, tf.int32), branches)
+
 
 def apply_op(frames, op, magnitude, sign=1.0):
-    """Op number ``op`` (index in ``augment.OPS``) on float32 0-255 frames (T, H, W, 3)."""
-    frames = tf.cast(frames, tf.float32)
-    mag, sign = tf.cast(magnitude, tf.float32), tf.cast(sign, tf.float32)
-    branches = [lambda fn=fn: fn(frames, mag, sign) for fn in _BRANCHES.values()]
-    return tf.switch_case(tf.cast(op, tf.int32), branches)
+    """Op number ``op`` (index in ``augment.OPS``) on 0-255 integer-valued frames (T, H, W, 3);
+    float32 result."""
+    return tf.cast(_apply_uint8(tf.cast(frames, tf.uint8), op, tf.cast(magnitude, tf.float32),
+                                tf.cast(sign, tf.float32)), tf.float32)
 
 
 def draw_policy(seed, num_layers: int = 4, magnitude: float = 7, magnitude_std: float = 0.5,
@@ -188,8 +209,8 @@ def randaugment(seed, frames, magnitude: float = 7, num_layers: int = 4,
     ~ N(magnitude, magnitude_std) clipped to [0, 10] and a random sign; the same for every
     frame. ``seed``: stateless seed, int64 (2,)."""
     ops, mags, signs, applied = draw_policy(seed, num_layers, magnitude, magnitude_std, prob)
-    out = tf.cast(frames, tf.float32)
+    out = tf.cast(frames, tf.uint8)
     for i in range(num_layers):
-        out = tf.cond(applied[i], lambda i=i, x=out: apply_op(x, ops[i], mags[i], signs[i]),
+        out = tf.cond(applied[i], lambda i=i, x=out: _apply_uint8(x, ops[i], mags[i], signs[i]),
                       lambda x=out: x)
-    return tf.cast(out, tf.uint8)
+    return out
