@@ -1,4 +1,5 @@
-"""Host RandAugment, op by op: milliseconds per clip on one CPU core (TensorFlow, whole frames).
+"""Host RandAugment, op by op: milliseconds per clip on one CPU core (TensorFlow, whole frames),
+with every op as TensorFlow kernels and with the element-wise ops XLA-compiled (the default).
 
     python benchmarks/randaugment_ops.py [--frames 8 --height 320 --width 427] [--repeats 5]
 
@@ -42,25 +43,27 @@ def main():
 
     rng = np.random.default_rng(0)
     clip = tf.constant(rng.integers(0, 256, (args.frames, args.height, args.width, 3), np.uint8))
-    run = tf.function(lambda x, op: tf.cast(
-        tf_augment.apply_op(x, op, args.magnitude, 1.0), tf.uint8))
-    rows = []
-    for i, name in enumerate(OPS):
-        op = tf.constant(i)
-        run(clip, op).numpy()  # trace + warm-up
-        start = time.perf_counter()
-        for _ in range(args.repeats):
-            run(clip, op).numpy()
-        rows.append((name, (time.perf_counter() - start) / args.repeats * 1e3))
-    mean = sum(ms for _, ms in rows) / len(rows)
+    ms = {}
+    for compiled in (False, True):
+        run = tf.function(lambda x, op, compiled=compiled: tf.cast(
+            tf_augment.apply_op(x, op, args.magnitude, 1.0, compiled=compiled), tf.uint8))
+        for i, name in enumerate(OPS):
+            op = tf.constant(i)
+            run(clip, op).numpy()  # trace, compile, warm up
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                run(clip, op).numpy()
+            ms[name, compiled] = (time.perf_counter() - start) / args.repeats * 1e3
+    mean = [sum(ms[n, c] for n in OPS) / len(OPS) for c in (False, True)]
     print(f"\nCPU: {cpu_name()}, one core, TensorFlow {tf.__version__}; clip "
           f"{args.frames}x{args.height}x{args.width}x3 uint8, magnitude {args.magnitude}")
-    print("| op | ms per clip |\n|---|---|")
-    for name, ms in sorted(rows, key=lambda r: -r[1]):
-        print(f"| {name} | {ms:.1f} |")
-    print(f"| mean over ops | {mean:.1f} |")
-    print(f"| expected per clip ({args.layers} layers x p {args.prob}) | "
-          f"{mean * args.layers * args.prob:.1f} |")
+    print("| op | kernels ms per clip | compiled ms per clip |\n|---|---|---|")
+    for name in sorted(OPS, key=lambda n: -ms[n, False]):
+        print(f"| {name} | {ms[name, False]:.1f} | {ms[name, True]:.1f} |")
+    print(f"| mean over ops | {mean[0]:.1f} | {mean[1]:.1f} |")
+    n = args.layers * args.prob
+    print(f"| expected per clip ({args.layers} layers x p {args.prob}) | {mean[0] * n:.1f} | "
+          f"{mean[1] * n:.1f} |")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def test_xla_compiled_ops_equal_tensorflow_kernels():
     rng = np.random.default_rng(1)
     clip = np.clip(np.round(rng.normal(128, 60, (3, 40, 72, 3))), 0, 255).astype(np.float32)
     clip[2, :9] = 255
-    for op, (name, kernels) in enumerate(tf_augment._BRANCHES.items()):
+    for op, name in enumerate(augment.OPS):
         for mag, sign in ((7.0, 1.0), (3.3, -1.0), (10.0, 1.0), (8.6, -1.0)):
-            want = kernels(tf.constant(clip), tf.constant(mag), tf.constant(sign)).numpy()
+            want = tf_augment.apply_op(tf.constant(clip), op, mag, sign, compiled=False).numpy()
             got = tf_augment.apply_op(tf.constant(clip), op, mag, sign).numpy()
             np.testing.assert_array_equal(got, want, err_msg=f"{name} m={mag} sign={sign}")
 
@@ -61,6 +61,9 @@ def test_randaugment_clip_level_draws(frames):
     np.testing.assert_array_equal(out[0], out[2])
     again = tf_augment.randaugment(seed, clip, magnitude=9, num_layers=4, prob=1.0).numpy()
     np.testing.assert_array_equal(out, again)  # stateless: the seed decides
+    kernels = tf_augment.randaugment(seed, clip, magnitude=9, num_layers=4, prob=1.0,
+                                     compiled=False).numpy()
+    np.testing.assert_array_equal(out, kernels)  # XLA-compiled ops or not: the same clip
     outs = [tf_augment.randaugment(tf.constant([s, 0], tf.int64), clip, prob=1.0).numpy()
             for s in range(6)]
     assert len({o.tobytes() for o in outs}) > 1
@@ -75,7 +78,7 @@ def test_train_sample_augments_the_whole_frames_then_crops(frames):
     jpegs = tf.stack([tf.io.encode_jpeg(f.astype(np.uint8), quality=95) for f in frames])
     seed = tf.constant([11, 5], tf.int64)
     got = pipeline._train_sample(jpegs, seed, 2, 16, False, (0.08, 1.0), (3 / 4, 4 / 3),
-                                 randaugment=(9.0, 4),
+                                 randaugment=(9.0, 4, True),
                                  decoded=tf_ops.decode_frames(jpegs, 2)).numpy()
     s_crop, _, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
     whole = tf_augment.randaugment(s_aug, tf_ops.decode_frames(jpegs, 2), 9.0, 4)

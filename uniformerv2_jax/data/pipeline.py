@@ -79,7 +79,8 @@ def _train_indices(size, seed, process_index, process_count, start_video):
 def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_range,
                   randaugment=None, decoded=None):
     """One clip from its sampled JPEGs: [RandAugment of the whole frames,] RandomResizedCrop
-    (shared by the frames), resize, flip. ``randaugment``: (magnitude, num_layers) or None;
+    (shared by the frames), resize, flip. ``randaugment``: (magnitude, num_layers, compiled)
+    or None;
     with it, ``decoded``: the whole frames (decoded once for all samples of a video)."""
     s_crop, s_flip, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
     shape = tf.io.extract_jpeg_shape(jpegs[0])
@@ -87,7 +88,8 @@ def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_rang
     if randaugment is None:
         frames = tf_ops.decode_frames(jpegs, clip_len, box)  # only the crop window
     else:  # the upstream's order: the ops see the whole frame, then the crop is taken
-        frames = tf_augment.randaugment(s_aug, decoded, *randaugment)
+        magnitude, layers, compiled = randaugment
+        frames = tf_augment.randaugment(s_aug, decoded, magnitude, layers, compiled=compiled)
         frames = frames[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
     frames = tf_ops.resize_uint8(frames, crop_size, crop_size)
     if flip:
@@ -107,8 +109,8 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
                   per_host_batch: int, seed: int = 0, flip: bool | None = None,
                   num_samples: int = 1, randaugment: bool = False, process_index: int = 0,
                   process_count: int = 1, start_step: int = 0, randaugment_magnitude: float = 7,
-                  randaugment_layers: int = 4, area_range=AREA_RANGE,
-                  ratio_range=RATIO_RANGE) -> tf.data.Dataset:
+                  randaugment_layers: int = 4, randaugment_compiled: bool = True,
+                  area_range=AREA_RANGE, ratio_range=RATIO_RANGE) -> tf.data.Dataset:
     """Infinite train batches ``{"video": uint8 (B, T, S, S, 3), "label": int32 (B,)}``.
 
     ``num_samples`` > 1: repeated augmentation, ``B // num_samples`` videos per batch, each
@@ -117,7 +119,9 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     dataset's setting (off for SSv2 and the synthetic set). ``randaugment``: RandAugment
     (``randaugment_magnitude``, ``randaugment_layers``; ``tf_augment.py``) of the whole decoded
     frames before the crop, on the host CPU, as the upstream orders it (the alternative,
-    ``data.randaugment`` after the crop on the accelerator, belongs in the train step).
+    ``data.randaugment`` after the crop on the accelerator, belongs in the train step);
+    ``randaugment_compiled``: its element-wise ops through XLA (the same result, faster; compiled
+    once per frame size).
     ``start_step`` = batches this host already consumed.
     ``area_range`` / ``ratio_range``: the RandomResizedCrop's crop area (fraction of the frame)
     and aspect ratio (w/h) ranges; the defaults are mmaction2's (0.08, 1) and (3/4, 4/3).
@@ -132,7 +136,8 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     ds = _train_indices(len(videos), seed, process_index, process_count,
                         start_step * videos_per_batch)
     salt = seed ^ _SEED_SALT
-    ra = (float(randaugment_magnitude), int(randaugment_layers)) if randaugment else None
+    ra = ((float(randaugment_magnitude), int(randaugment_layers), bool(randaugment_compiled))
+          if randaugment else None)
 
     def one_video(pos, index):
         # frame indices: numpy UniformSample seeded by (seed, stream position)

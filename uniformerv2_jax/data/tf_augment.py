@@ -167,26 +167,29 @@ def _on_uint8(fn):
     return op
 
 
-# Each op compiled by XLA where it can be: its element-wise passes fuse into one, where
-# TensorFlow's CPU kernels make a pass over the frames each (benchmarks/randaugment_ops.py).
-# XLA compiles once per frame size. The warps (ImageProjectiveTransform) and Equalize (a
-# bincount of run-time length) have no XLA kernel and run as TensorFlow ops.
+# compiled=True: each op compiled by XLA where it can be, its element-wise passes fused into
+# one, where TensorFlow's CPU kernels make a pass over the frames each (the same bits, 2-9x
+# faster: benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s
+# of CPU for the nine). The warps (ImageProjectiveTransform) and Equalize (a bincount of
+# run-time length) have no XLA kernel and always run as TensorFlow ops.
 _NO_XLA = ("Equalize", "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-_OPS_UINT8 = [_on_uint8(fn) if name in _NO_XLA else
-              tf.function(_on_uint8(fn), jit_compile=True, reduce_retracing=True)
-              for name, fn in _BRANCHES.items()]
+_KERNEL_OPS = [_on_uint8(fn) for fn in _BRANCHES.values()]
+_COMPILED_OPS = [fn if name in _NO_XLA else tf.function(fn, jit_compile=True,
+                                                        reduce_retracing=True)
+                 for name, fn in zip(_BRANCHES, _KERNEL_OPS)]
 
 
-def _apply_uint8(frames, op, mag, sign):
-    branches = [lambda fn=fn: fn(frames, mag, sign) for fn in _OPS_UINT8]
+def _apply_uint8(frames, op, mag, sign, compiled: bool):
+    ops = _COMPILED_OPS if compiled else _KERNEL_OPS
+    branches = [lambda fn=fn: fn(frames, mag, sign) for fn in ops]
     return tf.switch_case(tf.cast(op, tf.int32), branches)
 
 
-def apply_op(frames, op, magnitude, sign=1.0):
+def apply_op(frames, op, magnitude, sign=1.0, compiled: bool = True):
     """Op number ``op`` (index in ``augment.OPS``) on 0-255 integer-valued frames (T, H, W, 3);
     float32 result."""
     return tf.cast(_apply_uint8(tf.cast(frames, tf.uint8), op, tf.cast(magnitude, tf.float32),
-                                tf.cast(sign, tf.float32)), tf.float32)
+                                tf.cast(sign, tf.float32), compiled), tf.float32)
 
 
 def draw_policy(seed, num_layers: int = 4, magnitude: float = 7, magnitude_std: float = 0.5,
@@ -203,14 +206,16 @@ def draw_policy(seed, num_layers: int = 4, magnitude: float = 7, magnitude_std: 
 
 
 def randaugment(seed, frames, magnitude: float = 7, num_layers: int = 4,
-                magnitude_std: float = 0.5, prob: float = 0.5):
+                magnitude_std: float = 0.5, prob: float = 0.5, compiled: bool = True):
     """timm's ``rand-m7-n4-mstd0.5-inc1`` on one clip (T, H, W, 3) uint8: ``num_layers`` ops
     drawn with replacement, each applied with probability ``prob`` at magnitude
     ~ N(magnitude, magnitude_std) clipped to [0, 10] and a random sign; the same for every
-    frame. ``seed``: stateless seed, int64 (2,)."""
+    frame. ``seed``: stateless seed, int64 (2,). ``compiled``: the element-wise ops through XLA
+    (same result)."""
     ops, mags, signs, applied = draw_policy(seed, num_layers, magnitude, magnitude_std, prob)
     out = tf.cast(frames, tf.uint8)
     for i in range(num_layers):
-        out = tf.cond(applied[i], lambda i=i, x=out: _apply_uint8(x, ops[i], mags[i], signs[i]),
+        out = tf.cond(applied[i],
+                      lambda i=i, x=out: _apply_uint8(x, ops[i], mags[i], signs[i], compiled),
                       lambda x=out: x)
     return out

@@ -135,7 +135,8 @@ def train_batches(config, builder, per_host: int, start_step: int) -> Iterator[d
                           process_index=pi, process_count=pc, start_step=start_step,
                           area_range=tuple(inp.crop_area), ratio_range=tuple(inp.crop_ratio),
                           randaugment=inp.randaugment and not randaugment_on_device(config),
-                          randaugment_magnitude=inp.magnitude, randaugment_layers=inp.num_layers)
+                          randaugment_magnitude=inp.magnitude, randaugment_layers=inp.num_layers,
+                          randaugment_compiled=inp.randaugment_compiled)
   return ({"video": b["video"], "label": b["label"]} for b in ds.as_numpy_iterator())
 
 
