@@ -41,15 +41,34 @@ def test_each_op_matches_the_accelerator_version(frames, name):
 
 def test_xla_compiled_ops_equal_tensorflow_kernels():
     """The ops XLA compiles give the bits TensorFlow's own kernels give, on frames large enough
-    for vectorised loops (and with saturated rows: AutoContrast/Contrast edge cases)."""
+    for vectorised loops (and with saturated rows: AutoContrast/Contrast edge cases), at random
+    magnitudes too."""
     rng = np.random.default_rng(1)
     clip = np.clip(np.round(rng.normal(128, 60, (3, 40, 72, 3))), 0, 255).astype(np.float32)
     clip[2, :9] = 255
+    draws = [(7.0, 1.0), (3.3, -1.0), (10.0, 1.0), (8.6, -1.0)] + [
+        (float(m), float(s)) for m, s in zip(rng.uniform(0, 10, 12), rng.choice([-1, 1], 12))]
     for op, name in enumerate(augment.OPS):
-        for mag, sign in ((7.0, 1.0), (3.3, -1.0), (10.0, 1.0), (8.6, -1.0)):
+        for mag, sign in draws:
             want = tf_augment.apply_op(tf.constant(clip), op, mag, sign, compiled=False).numpy()
             got = tf_augment.apply_op(tf.constant(clip), op, mag, sign).numpy()
             np.testing.assert_array_equal(got, want, err_msg=f"{name} m={mag} sign={sign}")
+
+
+def test_blends_round_the_product_before_the_sum():
+    """PIL's blend rounds d + factor * (x - d) twice in float32. Contrast at this magnitude
+    blends 75 towards the mean 193 with factor 1.6271187: the rounded product is -192.0, so
+    the pixel is 1; one rounding of the exact 0.99999... (an FMA, XLA's excess precision)
+    would give 0."""
+    frame = np.full((2, 40, 72), 193.0, np.float32)
+    frame[:, 0, :31] = 75
+    frame[:, 1, :59] = 255  # the grey mean stays 193
+    frame = np.repeat(frame[..., None], 3, -1)
+    op = augment.OPS.index("ContrastIncreasing")
+    for compiled in (False, True):
+        out = tf_augment.apply_op(tf.constant(frame), op, 6.9679856300354, 1.0,
+                                  compiled=compiled).numpy()
+        np.testing.assert_array_equal(out[:, 0, :31], 1.0, err_msg=f"compiled={compiled}")
 
 
 def test_randaugment_clip_level_draws(frames):

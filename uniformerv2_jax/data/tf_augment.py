@@ -33,7 +33,7 @@ def _channel_index(frames):
     return rows * 256 + tf.cast(frames, tf.int32)
 
 
-def _autocontrast(frames, mag, sign):
+def _autocontrast(frames):
     """Per frame and channel, lo..hi -> 0..255: floor((x - lo) * 255 / (hi - lo)), exact in
     float32 (the numerator is an integer below 2**16, the divisor at most 255)."""
     lo = tf.reduce_min(frames, axis=[1, 2], keepdims=True)
@@ -42,7 +42,7 @@ def _autocontrast(frames, mag, sign):
     return _select(hi > lo, out, frames)
 
 
-def _equalize(frames, mag, sign):
+def _equalize(frames):
     t = tf.shape(frames)[0]
     index = _channel_index(frames)
     hist = tf.reshape(tf.math.bincount(tf.reshape(index, [-1]), minlength=t * 768,
@@ -55,21 +55,19 @@ def _equalize(frames, mag, sign):
     return tf.cast(tf.gather(tf.reshape(lut, [-1]), index), tf.float32)
 
 
-def _invert(frames, mag, sign):
+def _invert(frames):
     return 255.0 - frames
 
 
-def _posterize(frames, mag, sign):
-    scale = 2.0 ** (8.0 - (4.0 - tf.floor(mag / 10 * 4)))
+def _posterize(frames, scale):
     return tf.floor(frames / scale) * scale
 
 
-def _solarize(frames, mag, sign):
-    return _select(frames >= 256 - tf.floor(mag / 10 * 256), 255.0 - frames, frames)
+def _solarize(frames, threshold):
+    return _select(frames >= threshold, 255.0 - frames, frames)
 
 
-def _solarize_add(frames, mag, sign):
-    add = tf.minimum(128.0, tf.floor(mag / 10 * 110))
+def _solarize_add(frames, add):
     return _select(frames < 128, tf.minimum(frames + add, 255.0), frames)
 
 
@@ -92,17 +90,34 @@ def _smooth(frames):
     return _select(border[None, :, :, None], frames, inner)
 
 
+def _blend_table(factor):
+    """Row d, column x: PIL's blend of value x towards the degenerate value d at ``factor``,
+    clip(floor(d + factor * (x - d))) in float32, product and sum each rounded; flat (65536,).
+    A level, computed by TensorFlow kernels: compiled, XLA would skip the product's rounding
+    (an FMA, or excess precision), and about one draw in a thousand would move a pixel by 1."""
+    d = tf.range(256, dtype=tf.float32)[:, None]
+    x = tf.range(256, dtype=tf.float32)[None, :]
+    return tf.reshape(tf.clip_by_value(tf.floor(d + factor * (x - d)), 0, 255), [-1])
+
+
 def _blend(degenerate_fn):
-    def op(frames, mag, sign):
-        factor = tf.maximum(0.1, 1.0 + sign * mag / 10 * 0.9)
-        degenerate = degenerate_fn(frames)
+    """ImageEnhance's blend towards the degenerate image in two forms, equal value for value:
+    the arithmetic (as TensorFlow kernels) and a lookup in ``_blend_table`` (for XLA)."""
+    def kernels(frames, factor, table, *level):
+        degenerate = degenerate_fn(frames, *level)
         return tf.clip_by_value(tf.floor(degenerate + factor * (frames - degenerate)), 0, 255)
-    return op
+
+    def lookup(frames, factor, table, *level):
+        degenerate = degenerate_fn(frames, *level)
+        return tf.gather(table, tf.cast(degenerate, tf.int32) * 256 + tf.cast(frames, tf.int32))
+    return kernels, lookup
 
 
 def _contrast_mean(frames):
-    mean = tf.reduce_mean(tf.cast(_gray(frames), tf.float64), axis=[1, 2, 3], keepdims=True)
-    return tf.broadcast_to(tf.cast(tf.floor(mean + 0.5), tf.float32), tf.shape(frames))
+    """Each frame's grey mean, rounded (T, 1, 1, 1)."""
+    mean = tf.reduce_mean(tf.cast(_gray(tf.cast(frames, tf.float32)), tf.float64),
+                          axis=[1, 2, 3], keepdims=True)
+    return tf.cast(tf.floor(mean + 0.5), tf.float32)
 
 
 # ---- geometric ops ----------------------------------------------------------------------
@@ -146,43 +161,79 @@ def _translate_y(mag, sign, h, w):
     return 1.0, 0.0, 0.0, 0.0, 1.0, sign * mag / 10 * 0.45 * h
 
 
-_BRANCHES = {
-    "AutoContrast": _autocontrast, "Equalize": _equalize, "Invert": _invert,
-    "Rotate": _warp(_rotate), "PosterizeIncreasing": _posterize,
-    "SolarizeIncreasing": _solarize, "SolarizeAdd": _solarize_add,
-    "ColorIncreasing": _blend(lambda x: tf.broadcast_to(_gray(x), tf.shape(x))),
-    "ContrastIncreasing": _blend(_contrast_mean),
-    "BrightnessIncreasing": _blend(tf.zeros_like),
-    "SharpnessIncreasing": _blend(_smooth),
-    "ShearX": _warp(_shear_x), "ShearY": _warp(_shear_y),
-    "TranslateXRel": _warp(_translate_x), "TranslateYRel": _warp(_translate_y),
+# ---- the ops: pixels(frames, *level(frames, mag, sign)) -----------------------------------
+# `level` turns the magnitude into the op's parameters (and takes Contrast's frame means from
+# the uint8 frames); it always runs as TensorFlow kernels, so that XLA, compiling `pixels`,
+# cannot fold or reassociate that arithmetic (it rewrites x / 10 * 0.9 as x * 0.09: another
+# float32). What XLA compiles is exact in float32 (integer arithmetic, table lookups, divisions
+# whose rounding cannot cross an integer or a half), so both engines give the same bits.
+
+def _none(frames, mag, sign):
+    return ()
+
+
+def _as_drawn(frames, mag, sign):
+    return mag, sign
+
+
+def _factor(frames, mag, sign):
+    factor = tf.maximum(0.1, 1.0 + sign * mag / 10 * 0.9)
+    return factor, _blend_table(factor)
+
+
+_BRANCHES = {  # name: (level, pixels or (pixels as kernels, pixels to compile))
+    "AutoContrast": (_none, _autocontrast),
+    "Equalize": (_none, _equalize),
+    "Invert": (_none, _invert),
+    "Rotate": (_as_drawn, _warp(_rotate)),
+    "PosterizeIncreasing": (lambda frames, mag, sign: (2.0 ** (8.0 - (4.0 - tf.floor(
+        mag / 10 * 4))),), _posterize),
+    "SolarizeIncreasing": (lambda frames, mag, sign: (256 - tf.floor(mag / 10 * 256),),
+                           _solarize),
+    "SolarizeAdd": (lambda frames, mag, sign: (tf.minimum(128.0, tf.floor(mag / 10 * 110)),),
+                    _solarize_add),
+    "ColorIncreasing": (_factor, _blend(lambda x: tf.broadcast_to(_gray(x), tf.shape(x)))),
+    "ContrastIncreasing": (lambda frames, mag, sign: (*_factor(frames, mag, sign),
+                                                      _contrast_mean(frames)),
+                           _blend(lambda x, mean: tf.broadcast_to(mean, tf.shape(x)))),
+    "BrightnessIncreasing": (_factor, _blend(tf.zeros_like)),
+    "SharpnessIncreasing": (_factor, _blend(_smooth)),
+    "ShearX": (_as_drawn, _warp(_shear_x)),
+    "ShearY": (_as_drawn, _warp(_shear_y)),
+    "TranslateXRel": (_as_drawn, _warp(_translate_x)),
+    "TranslateYRel": (_as_drawn, _warp(_translate_y)),
 }
 assert tuple(_BRANCHES) == OPS
 
-def _on_uint8(fn):
-    """``fn`` taking and giving uint8 frames: every op's values are integers in 0..255, so the
-    layers pass a quarter of the bytes and the casts fuse into the compiled ops."""
-    def op(frames, mag, sign):
-        return tf.cast(fn(tf.cast(frames, tf.float32), mag, sign), tf.uint8)
+
+def _on_uint8(pixels):
+    """``pixels`` taking and giving uint8 frames: every op's values are integers in 0..255, so
+    the layers pass a quarter of the bytes and the casts fuse into the compiled ops."""
+    def op(frames, *level):
+        return tf.cast(pixels(tf.cast(frames, tf.float32), *level), tf.uint8)
     return op
 
 
-# compiled=True: each op compiled by XLA where it can be, its element-wise passes fused into
-# one, where TensorFlow's CPU kernels make a pass over the frames each (the same bits, 2-9x
-# faster: benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s
-# of CPU for the nine). The warps (ImageProjectiveTransform) and Equalize (a bincount of
-# run-time length) have no XLA kernel and always run as TensorFlow ops.
+# compiled=True: an op's pixel arithmetic compiled by XLA where it can be, its element-wise
+# passes fused into one, where TensorFlow's CPU kernels make a pass over the frames each
+# (benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s of CPU
+# for the nine). The warps (ImageProjectiveTransform) and Equalize (a bincount of run-time
+# length) have no XLA kernel and always run as TensorFlow ops.
 _NO_XLA = ("Equalize", "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-_KERNEL_OPS = [_on_uint8(fn) for fn in _BRANCHES.values()]
-_COMPILED_OPS = [fn if name in _NO_XLA else tf.function(fn, jit_compile=True,
-                                                        reduce_retracing=True)
-                 for name, fn in zip(_BRANCHES, _KERNEL_OPS)]
+_LEVELS = [level for level, _ in _BRANCHES.values()]
+_FORMS = [pixels if isinstance(pixels, tuple) else (pixels, pixels)
+          for _, pixels in _BRANCHES.values()]
+_KERNEL_PIXELS = [_on_uint8(kernels) for kernels, _ in _FORMS]
+_COMPILED_PIXELS = [_on_uint8(kernels) if name in _NO_XLA else tf.function(
+    _on_uint8(compiled), jit_compile=True, reduce_retracing=True)
+    for name, (kernels, compiled) in zip(_BRANCHES, _FORMS)]
 
 
 def _apply_uint8(frames, op, mag, sign, compiled: bool):
-    ops = _COMPILED_OPS if compiled else _KERNEL_OPS
-    branches = [lambda fn=fn: fn(frames, mag, sign) for fn in ops]
-    return tf.switch_case(tf.cast(op, tf.int32), branches)
+    def branch(level, pixels):
+        return lambda: pixels(frames, *level(frames, mag, sign))
+    ops = _COMPILED_PIXELS if compiled else _KERNEL_PIXELS
+    return tf.switch_case(tf.cast(op, tf.int32), [branch(*b) for b in zip(_LEVELS, ops)])
 
 
 def apply_op(frames, op, magnitude, sign=1.0, compiled: bool = True):
