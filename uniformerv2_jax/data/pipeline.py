@@ -80,8 +80,7 @@ def _train_sample(jpegs, seed, clip_len, crop_size, flip, area_range, ratio_rang
                   randaugment=None, decoded=None):
     """One clip from its sampled JPEGs: [RandAugment of the whole frames,] RandomResizedCrop
     (shared by the frames), resize, flip. ``randaugment``: (magnitude, num_layers, compiled)
-    or None;
-    with it, ``decoded``: the whole frames (decoded once for all samples of a video)."""
+    or None; with it, ``decoded``: the whole frames (decoded once for all samples of a video)."""
     s_crop, s_flip, s_aug = (tf.random.experimental.stateless_fold_in(seed, k) for k in range(3))
     shape = tf.io.extract_jpeg_shape(jpegs[0])
     box = tf_ops.random_resized_crop_box(s_crop, shape[0], shape[1], area_range, ratio_range)
