@@ -8,7 +8,8 @@ then built into the TFDS dataset (JPEG frames). Both paths do the same work per 
   store (frame_store=True: only the sampled JPEGs are read) and, for comparison, from frames
   kept inside each TFDS example (the whole video record is read);
   "+RandAugment" adds RandAugment (m7, n4) of the whole frames before the crop, on the host
-  (the recipes' default, ``input.randaugment_on="frames"``);
+  (the recipes' default, ``input.randaugment_on="frames"``), its element-wise ops XLA-compiled
+  (the default) and, "+RA, kernels only", not (``input.randaugment_compiled=False``);
 * eval: 4 clips x 3 crops (short side 224, ThreeCrop), counted per view (one 8x224 clip).
 
 The mp4 path decodes with PyAV in a thread pool of one thread per core (PyAV releases the GIL),
@@ -178,6 +179,9 @@ def main():
         lambda: data.train_dataset(inline, "train", **kw).as_numpy_iterator(), 8, args.seconds)
     rows["train+RandAugment"] = rate(lambda: data.train_dataset(
         builder, "train", randaugment=True, **kw).as_numpy_iterator(), 8, args.seconds)
+    rows["+RA, kernels only"] = rate(lambda: data.train_dataset(
+        builder, "train", randaugment=True, randaugment_compiled=False, **kw
+    ).as_numpy_iterator(), 8, args.seconds)
     rows["eval 4x3 views"] = rate(lambda: data.eval_dataset(
         builder, "validation", clip_len=8, crop_size=224, num_clips=4, num_crops=3,
         per_host_batch=12).as_numpy_iterator(), 12, args.seconds)
