@@ -36,6 +36,7 @@ from flax import nnx
 
 from uniformerv2_jax import layers
 from uniformerv2_jax import sharding as shd
+from uniformerv2_jax.data import normalize  # JAX only: no PyAV, no TensorFlow
 from uniformerv2_jax.flops import device_peak_flops, inference_flops_per_clip, train_flops_per_clip
 
 TINY = dict(input_resolution=64, patch_size=16, width=192, layers=4, heads=3,
@@ -62,11 +63,6 @@ def recipe_config(name, batch, args, attention, remat):
   config.input.randaugment_on = "crops"
   config.input.randaugment = args.randaugment == "crops"
   return config
-
-
-def normalize(video):
-  """uniformerv2_jax.data.normalize's arithmetic, for the bare step."""
-  return (video.astype(np.float32) - 114.75) / 57.375
 
 
 def bare_train_step(graphdef, tx):

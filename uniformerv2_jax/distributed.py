@@ -27,14 +27,9 @@ class DistributedError(RuntimeError):
 
 
 def process_0_value(value: int) -> int:
-  """Process 0's `value` on every process (int32), so that all hosts take the same branch,
+  """Process 0's integer `value` on every process, so that all hosts take the same branch,
   e.g. the same checkpoint step or the same error; `value` itself on a single process."""
-  import jax
-  if jax.process_count() == 1:
-    return int(value)
-  import numpy as np
-  from jax.experimental import multihost_utils
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return int(process_0_floats([value])[0])
 
 
 def process_0_floats(values) -> list[float]:

@@ -101,8 +101,8 @@ def _blend_table(factor):
 
 
 def _blend(degenerate_fn):
-    """ImageEnhance's blend towards the degenerate image in two forms, equal value for value:
-    the arithmetic (as TensorFlow kernels) and a lookup in ``_blend_table`` (for XLA)."""
+    """ImageEnhance's blend towards the degenerate image, (as kernels, for XLA), equal value for
+    value: the arithmetic, and a lookup in ``_blend_table``."""
     def kernels(frames, factor, table, *level):
         degenerate = degenerate_fn(frames, *level)
         return tf.clip_by_value(tf.floor(degenerate + factor * (frames - degenerate)), 0, 255)
@@ -176,32 +176,43 @@ def _as_drawn(frames, mag, sign):
     return mag, sign
 
 
+def _xla(pixels):
+    """(as kernels, for XLA): the same function."""
+    return pixels, pixels
+
+
+def _kernels_only(pixels):
+    """(as kernels, for XLA): no XLA kernel (ImageProjectiveTransform; Equalize's bincount of
+    run-time length)."""
+    return pixels, None
+
+
 def _factor(frames, mag, sign):
     factor = tf.maximum(0.1, 1.0 + sign * mag / 10 * 0.9)
     return factor, _blend_table(factor)
 
 
-_BRANCHES = {  # name: (level, pixels or (pixels as kernels, pixels to compile))
-    "AutoContrast": (_none, _autocontrast),
-    "Equalize": (_none, _equalize),
-    "Invert": (_none, _invert),
-    "Rotate": (_as_drawn, _warp(_rotate)),
+_BRANCHES = {  # name: (level, (pixels as TensorFlow kernels, pixels for XLA or None))
+    "AutoContrast": (_none, _xla(_autocontrast)),
+    "Equalize": (_none, _kernels_only(_equalize)),
+    "Invert": (_none, _xla(_invert)),
+    "Rotate": (_as_drawn, _kernels_only(_warp(_rotate))),
     "PosterizeIncreasing": (lambda frames, mag, sign: (2.0 ** (8.0 - (4.0 - tf.floor(
-        mag / 10 * 4))),), _posterize),
+        mag / 10 * 4))),), _xla(_posterize)),
     "SolarizeIncreasing": (lambda frames, mag, sign: (256 - tf.floor(mag / 10 * 256),),
-                           _solarize),
+                           _xla(_solarize)),
     "SolarizeAdd": (lambda frames, mag, sign: (tf.minimum(128.0, tf.floor(mag / 10 * 110)),),
-                    _solarize_add),
+                    _xla(_solarize_add)),
     "ColorIncreasing": (_factor, _blend(lambda x: tf.broadcast_to(_gray(x), tf.shape(x)))),
     "ContrastIncreasing": (lambda frames, mag, sign: (*_factor(frames, mag, sign),
                                                       _contrast_mean(frames)),
                            _blend(lambda x, mean: tf.broadcast_to(mean, tf.shape(x)))),
     "BrightnessIncreasing": (_factor, _blend(tf.zeros_like)),
     "SharpnessIncreasing": (_factor, _blend(_smooth)),
-    "ShearX": (_as_drawn, _warp(_shear_x)),
-    "ShearY": (_as_drawn, _warp(_shear_y)),
-    "TranslateXRel": (_as_drawn, _warp(_translate_x)),
-    "TranslateYRel": (_as_drawn, _warp(_translate_y)),
+    "ShearX": (_as_drawn, _kernels_only(_warp(_shear_x))),
+    "ShearY": (_as_drawn, _kernels_only(_warp(_shear_y))),
+    "TranslateXRel": (_as_drawn, _kernels_only(_warp(_translate_x))),
+    "TranslateYRel": (_as_drawn, _kernels_only(_warp(_translate_y))),
 }
 assert tuple(_BRANCHES) == OPS
 
@@ -217,16 +228,13 @@ def _on_uint8(pixels):
 # compiled=True: an op's pixel arithmetic compiled by XLA where it can be, its element-wise
 # passes fused into one, where TensorFlow's CPU kernels make a pass over the frames each
 # (benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s of CPU
-# for the nine). The warps (ImageProjectiveTransform) and Equalize (a bincount of run-time
-# length) have no XLA kernel and always run as TensorFlow ops.
-_NO_XLA = ("Equalize", "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+# for the nine); the others always run as TensorFlow kernels.
 _LEVELS = [level for level, _ in _BRANCHES.values()]
-_FORMS = [pixels if isinstance(pixels, tuple) else (pixels, pixels)
-          for _, pixels in _BRANCHES.values()]
-_KERNEL_PIXELS = [_on_uint8(kernels) for kernels, _ in _FORMS]
-_COMPILED_PIXELS = [_on_uint8(kernels) if name in _NO_XLA else tf.function(
-    _on_uint8(compiled), jit_compile=True, reduce_retracing=True)
-    for name, (kernels, compiled) in zip(_BRANCHES, _FORMS)]
+_KERNEL_PIXELS = [_on_uint8(kernels) for _, (kernels, _) in _BRANCHES.values()]
+_COMPILED_PIXELS = [
+    _on_uint8(kernels) if xla is None
+    else tf.function(_on_uint8(xla), jit_compile=True, reduce_retracing=True)
+    for _, (kernels, xla) in _BRANCHES.values()]
 
 
 def _apply_uint8(frames, op, mag, sign, compiled: bool):
