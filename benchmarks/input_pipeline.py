@@ -8,7 +8,7 @@ then built into the TFDS dataset (JPEG frames). Both paths do the same work per 
   store (frame_store=True: only the sampled JPEGs are read) and, for comparison, from frames
   kept inside each TFDS example (the whole video record is read);
   "+RandAugment" adds RandAugment (m7, n4) of the whole frames before the crop, on the host
-  (the recipes' default, ``input.randaugment_on="frames"``), its element-wise ops XLA-compiled
+  (the recipes' default, ``input.randaugment_on="frames"``), its ops' pixel arithmetic XLA-compiled
   (the default) and, "+RA, kernels only", not (``input.randaugment_compiled=False``);
 * eval: 4 clips x 3 crops (short side 224, ThreeCrop), counted per view (one 8x224 clip).
 

@@ -1,5 +1,6 @@
 """Host RandAugment, op by op: milliseconds per clip on one CPU core (TensorFlow, whole frames),
-with every op as TensorFlow kernels and with the element-wise ops XLA-compiled (the default).
+with every op as TensorFlow kernels and with each op's pixel arithmetic XLA-compiled (the
+default).
 
     python benchmarks/randaugment_ops.py [--frames 8 --height 320 --width 427] [--repeats 5]
 

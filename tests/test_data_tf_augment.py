@@ -55,6 +55,32 @@ def test_xla_compiled_ops_equal_tensorflow_kernels():
             np.testing.assert_array_equal(got, want, err_msg=f"{name} m={mag} sign={sign}")
 
 
+@pytest.mark.parametrize("along", ["xy", "x", "y"])
+def test_xla_warps_equal_tensorflows_projective_transform(along):
+    """The warps' XLA form gives the bits of TensorFlow's ImageProjectiveTransformV3 (its float32
+    order, every product rounded) on random affine maps beyond the ops' ranges: rotations with
+    shifts, and for the one-axis forms the row-keeping (column-keeping) shears and translations
+    they serve, sources far outside the frame included."""
+    rng = np.random.default_rng(2)
+    clip = tf.constant(rng.integers(0, 256, (2, 37, 53, 3)).astype(np.uint8))
+    xla = tf.function(tf_augment._warp_xla(along), jit_compile=True)
+    for trial in range(60):
+        angle, shear = rng.uniform(-0.7, 0.7), rng.uniform(-0.4, 0.4) * (trial % 3 > 0)
+        shift = rng.uniform(-80, 80, 2)
+        if along == "xy":
+            coefficients = (np.cos(angle), np.sin(angle), shift[0], -np.sin(angle),
+                            np.cos(angle), shift[1])
+        elif along == "x":
+            coefficients = (1.0, shear, shift[0], 0.0, 1.0, 0.0)
+        else:
+            coefficients = (1.0, 0.0, 0.0, shear, 1.0, shift[1])
+        level = tf_augment._warp_level(lambda mag, sign, h, w: coefficients)(clip, 0.0, 1.0)
+        frames = tf.cast(clip, tf.float32)
+        want = tf_augment._warp(frames, *level).numpy()
+        got = xla(frames, *level).numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"{along} {coefficients}")
+
+
 def test_blends_round_the_product_before_the_sum():
     """PIL's blend rounds d + factor * (x - d) twice in float32. Contrast at this magnitude
     blends 75 towards the mean 193 with factor 1.6271187: the rounded product is -192.0, so

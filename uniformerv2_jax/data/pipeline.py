@@ -119,7 +119,7 @@ def train_dataset(data_dir_or_builder, split: str = "train", *, clip_len: int, c
     (``randaugment_magnitude``, ``randaugment_layers``; ``tf_augment.py``) of the whole decoded
     frames before the crop, on the host CPU, as the upstream orders it (the alternative,
     ``data.randaugment`` after the crop on the accelerator, belongs in the train step);
-    ``randaugment_compiled``: its element-wise ops through XLA (the same result, faster; compiled
+    ``randaugment_compiled``: its pixel arithmetic through XLA (the same result, faster; compiled
     once per frame size).
     ``start_step`` = batches this host already consumed.
     ``area_range`` / ``ratio_range``: the RandomResizedCrop's crop area (fraction of the frame)

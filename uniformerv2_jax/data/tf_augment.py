@@ -42,17 +42,21 @@ def _autocontrast(frames):
     return _select(hi > lo, out, frames)
 
 
-def _equalize(frames):
+def _equalize_lut(frames, mag, sign):
+    """PIL's ``ImageOps.equalize`` table of each frame and channel, flat (T * 768,): a level,
+    since TensorFlow's bincount has no XLA kernel."""
     t = tf.shape(frames)[0]
-    index = _channel_index(frames)
-    hist = tf.reshape(tf.math.bincount(tf.reshape(index, [-1]), minlength=t * 768,
-                                       maxlength=t * 768), [t * 3, 256])
+    hist = tf.reshape(tf.math.bincount(tf.reshape(_channel_index(frames), [-1]),
+                                       minlength=t * 768, maxlength=t * 768), [t * 3, 256])
     top = 255 - tf.argmax(tf.cast(hist[:, ::-1] > 0, tf.int32), axis=1, output_type=tf.int32)
     last = tf.gather(hist, top, batch_dims=1)[:, None]
     step = (tf.reduce_sum(hist, axis=1, keepdims=True) - last) // 255
     lut = (step // 2 + tf.cumsum(hist, axis=1) - hist) // tf.maximum(step, 1)
-    lut = tf.where(step > 0, tf.minimum(lut, 255), tf.range(256)[None, :])
-    return tf.cast(tf.gather(tf.reshape(lut, [-1]), index), tf.float32)
+    return (tf.reshape(tf.where(step > 0, tf.minimum(lut, 255), tf.range(256)[None, :]), [-1]),)
+
+
+def _apply_lut(frames, lut):
+    return tf.cast(tf.gather(lut, _channel_index(frames)), tf.float32)
 
 
 def _invert(frames):
@@ -122,20 +126,108 @@ def _contrast_mean(frames):
 
 # ---- geometric ops ----------------------------------------------------------------------
 
-def _warp(params_fn):
-    """Bilinear affine warp (PIL's ``transform(AFFINE)`` coefficients), fill 128 outside: each
-    of the 4 taps outside the frame reads the fill, as TensorFlow's projective transform does."""
-    def op(frames, mag, sign):
+def _warp_level(params_fn):
+    """The level of an affine warp: TensorFlow's projective transform (8,) from PIL's
+    ``transform(AFFINE)`` coefficients, and its rounded products a*x, b*y, d*x, e*y over the
+    frame's columns x and rows y, which ``_warp_xla`` adds up."""
+    def level(frames, mag, sign):
         h, w = tf.shape(frames)[1], tf.shape(frames)[2]
         a, b, c, d, e, f = (tf.cast(v, tf.float32) for v in params_fn(
             mag, sign, tf.cast(h, tf.float32), tf.cast(w, tf.float32)))
         # PIL's coordinates put pixel centres at index + 0.5; TensorFlow's at the index
         transform = tf.stack([a, b, c + (a + b - 1) / 2, d, e, f + (d + e - 1) / 2, 0.0, 0.0])
-        out = tf.raw_ops.ImageProjectiveTransformV3(
-            images=frames, transforms=transform[None], output_shape=tf.stack([h, w]),
-            fill_value=FILL, interpolation="BILINEAR", fill_mode="CONSTANT")
+        x, y = tf.range(w, dtype=tf.float32), tf.range(h, dtype=tf.float32)
+        return transform, transform[0] * x, transform[1] * y, transform[3] * x, transform[4] * y
+    return level
+
+
+def _warp(frames, transform, *products):
+    """Bilinear warp, fill 128 outside: each of the 4 taps outside the frame reads the fill."""
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=frames, transforms=transform[None], output_shape=tf.shape(frames)[1:3],
+        fill_value=FILL, interpolation="BILINEAR", fill_mode="CONSTANT")
+    return tf.clip_by_value(tf.round(out), 0, 255)
+
+
+# ``_warp`` for XLA, the same bits: TensorFlow's kernel in its float32 order (source coordinate
+# (a*x + b*y) + c; weights hi - x and x - lo; value_lo = w0 * tap + w1 * tap, and the same
+# along y), each product rounded. XLA's CPU compiler would fuse a product into the sum after it
+# (an FMA: one rounding), so the products are integer ones: a weight w = m * 2**k with an
+# integer mantissa m, round(w * v) = float32(m * v's mantissa) * 2**(k + v's exponent), one
+# correctly rounded conversion and an exact scaling.
+
+def _mantissa(u):
+    """(m, k) with u = m * 2**k, m < 2**24 an integer: for u >= 0, normal or zero."""
+    bits = tf.bitcast(u, tf.int32)
+    field = tf.bitwise.right_shift(bits, 23)
+    m = tf.bitwise.bitwise_and(bits, 0x7FFFFF)
+    return tf.where(field > 0, tf.bitwise.bitwise_or(m, 0x800000), m), tf.maximum(field, 1) - 150
+
+
+def _pow2(k):
+    """2**k in float32; below 2**-126 only ever scales a zero product."""
+    return tf.bitcast(tf.bitwise.left_shift(tf.maximum(k, -126) + 127, 23), tf.float32)
+
+
+def _times_pixel(weight, pixel):
+    """round(w * pixel) for a weight (m, k) and uint8 pixels: m * pixel < 2**32."""
+    m, k = weight
+    return tf.cast(tf.cast(m, tf.uint32) * tf.cast(pixel, tf.uint32), tf.float32) * _pow2(k)
+
+
+def _times(weight, value):
+    """round(w * value) for a weight (m, k) and float32 values >= 0."""
+    (m, k), (mv, kv) = weight, _mantissa(value)
+    return tf.cast(tf.cast(m, tf.int64) * tf.cast(mv, tf.int64), tf.float32) * _pow2(k + kv)
+
+
+def _weights(coordinate):
+    """The taps (lo, lo + 1) of source coordinates (H, W) and their weights as (m, k) of
+    shape (1, H, W, 1)."""
+    lo = tf.floor(coordinate)
+    hi = lo + 1
+    return lo, hi, *(tuple(v[None, :, :, None] for v in _mantissa(w))
+                     for w in (hi - coordinate, coordinate - lo))
+
+
+def _taps(frames, rows, cols):
+    """uint8 frames at integer-valued source rows and columns (H, W); the fill outside."""
+    t, h, w = tf.shape(frames)[0], tf.shape(frames)[1], tf.shape(frames)[2]
+    r, c = tf.cast(rows, tf.int32), tf.cast(cols, tf.int32)
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+    index = tf.clip_by_value(r, 0, h - 1) * w + tf.clip_by_value(c, 0, w - 1)
+    values = tf.gather(tf.reshape(tf.cast(frames, tf.uint8), [t, -1, 3]), index, axis=1)
+    return tf.where(inside[None, :, :, None], values, tf.constant(int(FILL), tf.uint8))
+
+
+def _interpolate(frames, *weighted_taps):
+    """w0 * tap0 + w1 * tap1 for ((m, k), rows, cols) of each, every product rounded."""
+    (w0, *tap0), (w1, *tap1) = weighted_taps
+    return _times_pixel(w0, _taps(frames, *tap0)) + _times_pixel(w1, _taps(frames, *tap1))
+
+
+def _warp_xla(along):
+    """``_warp`` for XLA: along "xy" (Rotate), or along "x" or "y" only, for warps that keep
+    each row (ShearX, TranslateX: e = 1, d = 0 and a zero offset, so TensorFlow's source row is
+    the row itself, with weights 1 and 0) or each column (ShearY, TranslateY)."""
+    def pixels(frames, transform, ax, by, dx, ey):
+        h, w = tf.shape(frames)[1], tf.shape(frames)[2]
+        x = (ax[None, :] + by[:, None]) + transform[2]
+        y = (dx[None, :] + ey[:, None]) + transform[5]
+        if along == "x":
+            x0, x1, w0, w1 = _weights(x)
+            rows = tf.broadcast_to(tf.range(h)[:, None], [h, w])
+            out = _interpolate(frames, (w0, rows, x0), (w1, rows, x1))
+        elif along == "y":
+            y0, y1, w0, w1 = _weights(y)
+            cols = tf.broadcast_to(tf.range(w)[None, :], [h, w])
+            out = _interpolate(frames, (w0, y0, cols), (w1, y1, cols))
+        else:
+            (x0, x1, u0, u1), (y0, y1, v0, v1) = _weights(x), _weights(y)
+            lo, hi = (_interpolate(frames, (u0, r, x0), (u1, r, x1)) for r in (y0, y1))
+            out = _times(v0, lo) + _times(v1, hi)
         return tf.clip_by_value(tf.round(out), 0, 255)
-    return op
+    return pixels
 
 
 def _rotate(mag, sign, h, w):
@@ -162,18 +254,16 @@ def _translate_y(mag, sign, h, w):
 
 
 # ---- the ops: pixels(frames, *level(frames, mag, sign)) -----------------------------------
-# `level` turns the magnitude into the op's parameters (and takes Contrast's frame means from
-# the uint8 frames); it always runs as TensorFlow kernels, so that XLA, compiling `pixels`,
-# cannot fold or reassociate that arithmetic (it rewrites x / 10 * 0.9 as x * 0.09: another
-# float32). What XLA compiles is exact in float32 (integer arithmetic, table lookups, divisions
-# whose rounding cannot cross an integer or a half), so both engines give the same bits.
+# `level` turns the magnitude into the op's parameters (and takes Contrast's frame means,
+# Equalize's tables and the warps' coordinate products from the uint8 frames); it always runs
+# as TensorFlow kernels, so that XLA, compiling `pixels`, cannot fold or reassociate that
+# arithmetic (it rewrites x / 10 * 0.9 as x * 0.09: another float32). What XLA compiles is
+# exact in float32 (integer arithmetic, table lookups, divisions whose rounding cannot cross an
+# integer or a half, sums of the level's values, the warps' integer products), so both
+# engines give the same bits.
 
 def _none(frames, mag, sign):
     return ()
-
-
-def _as_drawn(frames, mag, sign):
-    return mag, sign
 
 
 def _xla(pixels):
@@ -181,22 +271,16 @@ def _xla(pixels):
     return pixels, pixels
 
 
-def _kernels_only(pixels):
-    """(as kernels, for XLA): no XLA kernel (ImageProjectiveTransform; Equalize's bincount of
-    run-time length)."""
-    return pixels, None
-
-
 def _factor(frames, mag, sign):
     factor = tf.maximum(0.1, 1.0 + sign * mag / 10 * 0.9)
     return factor, _blend_table(factor)
 
 
-_BRANCHES = {  # name: (level, (pixels as TensorFlow kernels, pixels for XLA or None))
+_BRANCHES = {  # name: (level, (pixels as TensorFlow kernels, pixels for XLA))
     "AutoContrast": (_none, _xla(_autocontrast)),
-    "Equalize": (_none, _kernels_only(_equalize)),
+    "Equalize": (_equalize_lut, _xla(_apply_lut)),
     "Invert": (_none, _xla(_invert)),
-    "Rotate": (_as_drawn, _kernels_only(_warp(_rotate))),
+    "Rotate": (_warp_level(_rotate), (_warp, _warp_xla("xy"))),
     "PosterizeIncreasing": (lambda frames, mag, sign: (2.0 ** (8.0 - (4.0 - tf.floor(
         mag / 10 * 4))),), _xla(_posterize)),
     "SolarizeIncreasing": (lambda frames, mag, sign: (256 - tf.floor(mag / 10 * 256),),
@@ -209,10 +293,10 @@ _BRANCHES = {  # name: (level, (pixels as TensorFlow kernels, pixels for XLA or 
                            _blend(lambda x, mean: tf.broadcast_to(mean, tf.shape(x)))),
     "BrightnessIncreasing": (_factor, _blend(tf.zeros_like)),
     "SharpnessIncreasing": (_factor, _blend(_smooth)),
-    "ShearX": (_as_drawn, _kernels_only(_warp(_shear_x))),
-    "ShearY": (_as_drawn, _kernels_only(_warp(_shear_y))),
-    "TranslateXRel": (_as_drawn, _kernels_only(_warp(_translate_x))),
-    "TranslateYRel": (_as_drawn, _kernels_only(_warp(_translate_y))),
+    "ShearX": (_warp_level(_shear_x), (_warp, _warp_xla("x"))),
+    "ShearY": (_warp_level(_shear_y), (_warp, _warp_xla("y"))),
+    "TranslateXRel": (_warp_level(_translate_x), (_warp, _warp_xla("x"))),
+    "TranslateYRel": (_warp_level(_translate_y), (_warp, _warp_xla("y"))),
 }
 assert tuple(_BRANCHES) == OPS
 
@@ -225,16 +309,14 @@ def _on_uint8(pixels):
     return op
 
 
-# compiled=True: an op's pixel arithmetic compiled by XLA where it can be, its element-wise
-# passes fused into one, where TensorFlow's CPU kernels make a pass over the frames each
-# (benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s of CPU
-# for the nine); the others always run as TensorFlow kernels.
+# compiled=True: each op's pixel arithmetic compiled by XLA, its element-wise passes fused into
+# one, where TensorFlow's CPU kernels make a pass over the frames each, and the warps as
+# gathers (benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s
+# of CPU and 5 MB kept for the fifteen).
 _LEVELS = [level for level, _ in _BRANCHES.values()]
 _KERNEL_PIXELS = [_on_uint8(kernels) for _, (kernels, _) in _BRANCHES.values()]
-_COMPILED_PIXELS = [
-    _on_uint8(kernels) if xla is None
-    else tf.function(_on_uint8(xla), jit_compile=True, reduce_retracing=True)
-    for _, (kernels, xla) in _BRANCHES.values()]
+_COMPILED_PIXELS = [tf.function(_on_uint8(xla), jit_compile=True, reduce_retracing=True)
+                    for _, (_, xla) in _BRANCHES.values()]
 
 
 def _apply_uint8(frames, op, mag, sign, compiled: bool):
@@ -269,7 +351,7 @@ def randaugment(seed, frames, magnitude: float = 7, num_layers: int = 4,
     """timm's ``rand-m7-n4-mstd0.5-inc1`` on one clip (T, H, W, 3) uint8: ``num_layers`` ops
     drawn with replacement, each applied with probability ``prob`` at magnitude
     ~ N(magnitude, magnitude_std) clipped to [0, 10] and a random sign; the same for every
-    frame. ``seed``: stateless seed, int64 (2,). ``compiled``: the element-wise ops through XLA
+    frame. ``seed``: stateless seed, int64 (2,). ``compiled``: the pixel arithmetic through XLA
     (same result)."""
     ops, mags, signs, applied = draw_policy(seed, num_layers, magnitude, magnitude_std, prob)
     out = tf.cast(frames, tf.uint8)
