@@ -81,6 +81,19 @@ def test_xla_warps_equal_tensorflows_projective_transform(along):
         np.testing.assert_array_equal(got, want, err_msg=f"{along} {coefficients}")
 
 
+def test_warp_products_are_rounded_before_the_sum():
+    """A rotation where TensorFlow's two roundings matter: its kernel gives 155 at this pixel;
+    XLA computing the bilinear weights times the taps as float products (fused into the sums
+    after them: one rounding) gives 156. The integer products give TensorFlow's value."""
+    clip = tf.constant(np.random.default_rng(5).integers(0, 256, (2, 120, 160, 3)).astype(np.uint8))
+    coefficients = (0.99869007, -0.05116777, -23.90263176, 0.05116777, 0.99869007, 41.03923798)
+    level = tf_augment._warp_level(lambda mag, sign, h, w: coefficients)(clip, 0.0, 1.0)
+    frames = tf.cast(clip, tf.float32)
+    assert tf_augment._warp(frames, *level).numpy()[0, 31, 83, 0] == 155
+    xla = tf.function(tf_augment._warp_xla("xy"), jit_compile=True)
+    assert xla(frames, *level).numpy()[0, 31, 83, 0] == 155
+
+
 def test_blends_round_the_product_before_the_sum():
     """PIL's blend rounds d + factor * (x - d) twice in float32. Contrast at this magnitude
     blends 75 towards the mean 193 with factor 1.6271187: the rounded product is -192.0, so

@@ -141,7 +141,7 @@ def _warp_level(params_fn):
     return level
 
 
-def _warp(frames, transform, *products):
+def _warp(frames, transform, *_):
     """Bilinear warp, fill 128 outside: each of the 4 taps outside the frame reads the fill."""
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=frames, transforms=transform[None], output_shape=tf.shape(frames)[1:3],
@@ -165,7 +165,8 @@ def _mantissa(u):
 
 
 def _pow2(k):
-    """2**k in float32; below 2**-126 only ever scales a zero product."""
+    """2**k in float32, for k >= -126 (smaller k give 2**-126: only products below 2**-78,
+    which the final rounding removes, come out too large)."""
     return tf.bitcast(tf.bitwise.left_shift(tf.maximum(k, -126) + 127, 23), tf.float32)
 
 
@@ -182,12 +183,13 @@ def _times(weight, value):
 
 
 def _weights(coordinate):
-    """The taps (lo, lo + 1) of source coordinates (H, W) and their weights as (m, k) of
-    shape (1, H, W, 1)."""
+    """Source coordinates (H, W) -> the taps lo, hi = lo + 1 (H, W) and their weights
+    hi - coordinate, coordinate - lo as (m, k), each (1, H, W, 1)."""
     lo = tf.floor(coordinate)
     hi = lo + 1
-    return lo, hi, *(tuple(v[None, :, :, None] for v in _mantissa(w))
-                     for w in (hi - coordinate, coordinate - lo))
+    w_lo, w_hi = (tuple(v[None, :, :, None] for v in _mantissa(w))
+                  for w in (hi - coordinate, coordinate - lo))
+    return lo, hi, w_lo, w_hi
 
 
 def _taps(frames, rows, cols):
@@ -200,10 +202,10 @@ def _taps(frames, rows, cols):
     return tf.where(inside[None, :, :, None], values, tf.constant(int(FILL), tf.uint8))
 
 
-def _interpolate(frames, *weighted_taps):
-    """w0 * tap0 + w1 * tap1 for ((m, k), rows, cols) of each, every product rounded."""
-    (w0, *tap0), (w1, *tap1) = weighted_taps
-    return _times_pixel(w0, _taps(frames, *tap0)) + _times_pixel(w1, _taps(frames, *tap1))
+def _interpolate(frames, w0, rows0, cols0, w1, rows1, cols1):
+    """w0 * frames[rows0, cols0] + w1 * frames[rows1, cols1], each product rounded."""
+    return (_times_pixel(w0, _taps(frames, rows0, cols0))
+            + _times_pixel(w1, _taps(frames, rows1, cols1)))
 
 
 def _warp_xla(along):
@@ -212,19 +214,19 @@ def _warp_xla(along):
     the row itself, with weights 1 and 0) or each column (ShearY, TranslateY)."""
     def pixels(frames, transform, ax, by, dx, ey):
         h, w = tf.shape(frames)[1], tf.shape(frames)[2]
-        x = (ax[None, :] + by[:, None]) + transform[2]
+        x = (ax[None, :] + by[:, None]) + transform[2]  # TensorFlow's source coordinates
         y = (dx[None, :] + ey[:, None]) + transform[5]
         if along == "x":
             x0, x1, w0, w1 = _weights(x)
             rows = tf.broadcast_to(tf.range(h)[:, None], [h, w])
-            out = _interpolate(frames, (w0, rows, x0), (w1, rows, x1))
+            out = _interpolate(frames, w0, rows, x0, w1, rows, x1)
         elif along == "y":
             y0, y1, w0, w1 = _weights(y)
             cols = tf.broadcast_to(tf.range(w)[None, :], [h, w])
-            out = _interpolate(frames, (w0, y0, cols), (w1, y1, cols))
+            out = _interpolate(frames, w0, y0, cols, w1, y1, cols)
         else:
             (x0, x1, u0, u1), (y0, y1, v0, v1) = _weights(x), _weights(y)
-            lo, hi = (_interpolate(frames, (u0, r, x0), (u1, r, x1)) for r in (y0, y1))
+            lo, hi = (_interpolate(frames, u0, r, x0, u1, r, x1) for r in (y0, y1))
             out = _times(v0, lo) + _times(v1, hi)
         return tf.clip_by_value(tf.round(out), 0, 255)
     return pixels
@@ -257,10 +259,11 @@ def _translate_y(mag, sign, h, w):
 # `level` turns the magnitude into the op's parameters (and takes Contrast's frame means,
 # Equalize's tables and the warps' coordinate products from the uint8 frames); it always runs
 # as TensorFlow kernels, so that XLA, compiling `pixels`, cannot fold or reassociate that
-# arithmetic (it rewrites x / 10 * 0.9 as x * 0.09: another float32). What XLA compiles is
-# exact in float32 (integer arithmetic, table lookups, divisions whose rounding cannot cross an
-# integer or a half, sums of the level's values, the warps' integer products), so both
-# engines give the same bits.
+# arithmetic (it rewrites x / 10 * 0.9 as x * 0.09: another float32). What XLA compiles
+# rounds as the kernels do: integer arithmetic, table lookups, divisions whose rounding cannot
+# cross an integer or a half, and the warps' sums in TensorFlow's order with no float product
+# left to fuse into them; so both engines give the same bits (for magnitudes as drawn, in
+# [0, 10]; TensorFlow's x86 build, whose projective transform does not fuse either).
 
 def _none(frames, mag, sign):
     return ()
