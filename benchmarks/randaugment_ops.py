@@ -2,12 +2,13 @@
 with every op as TensorFlow kernels and with each op's pixel arithmetic XLA-compiled (the
 default).
 
-    python benchmarks/randaugment_ops.py [--frames 8 --height 320 --width 427] [--repeats 5]
+    python benchmarks/randaugment_ops.py [--frames 8 --height 320 --width 427] [--repeats 9]
 
 Times each op of ``uniformerv2_jax/data/tf_augment.py`` as the input pipeline runs it (uint8 in,
 float32 arithmetic, ``tf.switch_case`` on the op drawn) on random frames of the given size (the
 default: 8 frames of a 4:3 video stored at short side 320), one intra-op thread, so that the
-numbers are CPU time per clip. The last row is the expected RandAugment cost of a clip: the
+numbers are CPU time per clip (the median of the repeats: a shared machine's noise is
+one-sided). The last row is the expected RandAugment cost of a clip: the
 mean over the ops times the ops a clip gets on average (layers x probability, timm's m7-n4
 with probability 0.5). Prints one table naming the CPU.
 """
@@ -33,7 +34,7 @@ def main():
     ap.add_argument("--magnitude", type=float, default=7.0)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prob", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -51,10 +52,12 @@ def main():
         for i, name in enumerate(OPS):
             op = tf.constant(i)
             run(clip, op).numpy()  # trace, compile, warm up
-            start = time.perf_counter()
+            times = []
             for _ in range(args.repeats):
+                start = time.perf_counter()
                 run(clip, op).numpy()
-            ms[name, compiled] = (time.perf_counter() - start) / args.repeats * 1e3
+                times.append(time.perf_counter() - start)
+            ms[name, compiled] = float(np.median(times)) * 1e3
     mean = [sum(ms[n, c] for n in OPS) / len(OPS) for c in (False, True)]
     print(f"\nCPU: {cpu_name()}, one core, TensorFlow {tf.__version__}; clip "
           f"{args.frames}x{args.height}x{args.width}x3 uint8, magnitude {args.magnitude}")

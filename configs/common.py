@@ -51,8 +51,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       # on the host CPU; crops: on the accelerator after the crop (spares the host; the
       # geometric ops and AutoContrast/Equalize/Contrast/Sharpness then see the crop)
       randaugment_on="frames",
-      # frames: the ops' pixel arithmetic XLA-compiled (the same result, about 40% of the CPU;
-      # once per frame size, 1.5 s of compile and 5 MB: with thousands of frame sizes, False)
+      # frames: the ops' pixel arithmetic XLA-compiled (the same result, under half the CPU;
+      # once per frame size, ~2 s of compile and 5 MB: with thousands of frame sizes, False)
       randaugment_compiled=True,
       num_samples=1,
       crop_area=(0.08, 1.0),     # train RandomResizedCrop: area fraction range (mmaction2)

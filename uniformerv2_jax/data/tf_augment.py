@@ -327,7 +327,7 @@ def _on_uint8(pixels):
 
 # compiled=True: each op's pixel arithmetic compiled by XLA, its element-wise passes fused into
 # one, where TensorFlow's CPU kernels make a pass over the frames each, and the warps as
-# gathers (benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 1.5 s
+# gathers (benchmarks/randaugment_ops.py). XLA compiles them once per frame size (about 2 s
 # of CPU and 5 MB kept for the fifteen).
 _LEVELS = [level for level, _ in _BRANCHES.values()]
 _KERNEL_PIXELS = [_on_uint8(kernels) for _, (kernels, _) in _BRANCHES.values()]
