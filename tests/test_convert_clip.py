@@ -1,6 +1,7 @@
 """CLIP image tower -> initial UniFormerV2, against the upstream's float64 `backbone_out`."""
 
 import functools
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,14 @@ class _Holder(torch.nn.Module):
     return x
 
 
+def save_torchscript(module, path):
+  """``torch.jit.script(module).save(path)``: OpenAI ships CLIP as TorchScript archives, so the
+  tests write some; torch 2.13 deprecates ``torch.jit.script`` (its warning is expected here)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+    torch.jit.script(module).save(str(path))
+
+
 def torchscript_archive(state_dict, path):
   """A TorchScript archive whose state_dict() is `state_dict` (as OpenAI ships CLIP)."""
   root = _Holder()
@@ -33,7 +42,7 @@ def torchscript_archive(state_dict, path):
         module.add_module(p, _Holder())
       module = getattr(module, p)
     module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-  torch.jit.script(root).save(str(path))
+  save_torchscript(root, path)
   return path
 
 
@@ -61,7 +70,7 @@ def test_torchscript_archive_is_read_without_torch_jit(tmp_path, recwarn):
   neither runs the archive nor warns (torch.jit.load is deprecated from torch 2.13 on)."""
   from convert.io import load_torch_file
   path = str(tmp_path / "tower.pt")
-  torch.jit.script(_Tower()).save(path)
+  save_torchscript(_Tower(), path)
   recwarn.clear()
   got = load_torch_file(path)
   assert not [w for w in recwarn.list if issubclass(w.category, DeprecationWarning)]
@@ -226,7 +235,7 @@ def test_torchscript_archive_with_foreign_code_is_refused(tmp_path):
   import zipfile
   from convert.io import ConversionError, load_torch_file
   good = tmp_path / "tower.pt"
-  torch.jit.script(_Tower()).save(str(good))
+  save_torchscript(_Tower(), good)
 
   class Evil:
     def __reduce__(self):
