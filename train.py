@@ -8,6 +8,7 @@ on this machine and prints its memory and estimated step time instead of trainin
 """
 
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,16 @@ flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and summar
 flags.DEFINE_string("aot_topology", None, "e.g. v5p:4x4x4 or v4:4x4x4: compile only, for sizing.")
 distributed.define_flags()
 FLAGS = flags.FLAGS
+
+
+def _eval_command() -> str:
+  """eval.py's command for this run: its config file and the overrides eval.py reads (the
+  model comes from the checkpoint)."""
+  args = [f"--config={config_flags.get_config_filename(FLAGS['config'])}"]
+  for key, value in sorted(config_flags.get_override_values(FLAGS["config"]).items()):
+    if key.split(".")[0] in ("dataset", "input", "eval", "mesh"):
+      args.append(f"--config.{key}={value}")
+  return " ".join(["python eval.py", *map(shlex.quote, args)])
 
 
 def main(argv):
@@ -49,7 +60,7 @@ def main(argv):
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.training.loop import TrainingDiverged, train_and_evaluate
   try:
-    train_and_evaluate(config, FLAGS.workdir)
+    train_and_evaluate(config, FLAGS.workdir, eval_command=_eval_command())
   except (ConfigError, CheckpointError, TrainingDiverged) as e:
     sys.exit(f"error: {e}")
 

@@ -157,7 +157,7 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
       class_names = heads.builtin_class_names(heads.builtin_name(head_map))
     log(f"head remapped to {len(index_map)} classes with {head_map}")
   elif class_names is None:
-    class_names = _kinetics_class_names(layout, cfg.num_classes, log)
+    class_names = _default_class_names(layout, cfg.num_classes, log)
   out = save_pretrained(output, tree, class_names, config=cfg, overwrite=overwrite)
   log(f"wrote {out}")
   return out
@@ -166,7 +166,8 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
 def checkpoint_to_model_dir(input_dir: str, output: str, *, overwrite: bool = False,
                             log: Log = print) -> str:
   """A training checkpoint (WORKDIR or WORKDIR/checkpoints/STEP) -> a model directory."""
-  from uniformerv2_jax.checkpoint import load_weights_tree, save_pretrained
+  from uniformerv2_jax.checkpoint import load_weights_tree, resolve, save_pretrained
+  resolve(input_dir)  # a missing input is named before an existing output
   _check_output(output, overwrite)
   cfg, tree, names = load_weights_tree(input_dir)
   out = save_pretrained(output, tree, names, config=cfg, overwrite=overwrite)
@@ -178,11 +179,15 @@ def checkpoint_to_model_dir(input_dir: str, output: str, *, overwrite: bool = Fa
 KINETICS_HEADS = {400: "k400", 600: "k600", 700: "k700", 710: "k710"}
 
 
-def _kinetics_class_names(layout: str, num_classes: int, log: Log) -> list[str] | None:
-  """Class names of a Kinetics-sized head when its layout tells its class order."""
+def _default_class_names(layout: str, num_classes: int, log: Log) -> list[str] | None:
+  """Class names of a Kinetics-sized head when its layout tells its class order; else None,
+  and a note saying how to give them."""
   from uniformerv2_jax import heads
   name = KINETICS_HEADS.get(num_classes)
   if name is None:
+    log(f"note: no class names written ({num_classes}-way head): pass --class-names FILE (one "
+        "name a line, in the head's order) so that eval.py can match the head's classes to a "
+        "dataset's and predictions name them")
     return None
   if layout == "mmaction2":  # mmaction2 re-ordered its ported heads to its label maps
     log(f"class names: mmaction2's label_map_{name}.txt, the order of its {num_classes}-way "
@@ -249,6 +254,9 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   os.close(fd)
   try:
     torch.save(state, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
     os.replace(tmp, output)
   except BaseException:
     if os.path.exists(tmp):
@@ -259,12 +267,15 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
 
 
 def _check_output(output: str, overwrite: bool) -> None:
-  """A model directory to write: before any work, the checks save_pretrained makes."""
+  """A model directory to write: before any work, the checks save_pretrained makes, and that
+  its parent folder can be written."""
   from uniformerv2_jax.checkpoint import CheckpointError, check_output_directory
+  output = storage.absolute(output)
   try:
-    check_output_directory(storage.absolute(output), overwrite)
+    check_output_directory(output, overwrite)
   except CheckpointError as e:
     raise ConversionError(str(e)) from None
+  _check_writable(output)
 
 
 def _check_output_file(output: str, overwrite: bool) -> None:
@@ -274,6 +285,14 @@ def _check_output_file(output: str, overwrite: bool) -> None:
                           "file to write")
   if os.path.exists(output) and not overwrite:
     raise ConversionError(f"{output} already exists; choose another --output or pass --overwrite")
+  _check_writable(os.path.abspath(output))
+
+
+def _check_writable(output: str) -> None:
+  try:
+    storage.ensure_writable(os.path.dirname(output))
+  except PermissionError as e:
+    raise ConversionError(f"--output {output}: its folder {e}") from None
 
 
 __all__ = ["ConversionError", "checkpoint_to_model_dir", "convert_clip_file",

@@ -50,6 +50,9 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
   if "://" in path:
     raise ConversionError(f"{path}: PyTorch files are read from a local disk; copy it first "
                           "(gcloud storage cp URL .)")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path} is a folder; --input takes a PyTorch checkpoint file "
+                          "(.pyth/.pth/.pt)")
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: no such file")
   if os.path.getsize(path) == 0:

@@ -176,6 +176,8 @@ def test_train_py_reports_bad_config_without_traceback(tmp_path):
     ("eval.py", ["--config=configs/demoo.py", "--checkpoint=x"],
      "error: --config: cannot load the config file: [Errno 2] No such file or directory: "
      "'configs/demoo.py'"),
+    ("train.py", ["--config=configs/common.py"],
+     "error: --config=configs/common.py: the file defines no get_config(), so it is no recipe"),
 ])
 def test_entry_points_report_config_flag_errors_in_one_line(tmp_path, script, args, message):
   out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args,

@@ -156,6 +156,9 @@ def test_export_flat_and_bfloat16(tmp_path):
                                                              GOLDEN / "tiny_k400.pyth"))
   assert raw.keys() == golden["model_state"].keys()
   assert all(torch.equal(raw[k], golden["model_state"][k]) for k in raw)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(tmp_path / "flat.pyth").st_mode & 0o777 == 0o666 & ~umask  # as open() makes
   save_pretrained(tmp_path / "bf16", load_pretrained(tmp_path / "m", param_dtype="bfloat16"))
   code, err = cli("export", "--input", tmp_path / "bf16", "--layout", "mmaction2",
                   "--output", tmp_path / "bf16.pth")
@@ -242,6 +245,15 @@ def test_kinetics_head_class_names_by_layout(tmp_path, capsys):
   assert read_class_names(tmp_path / "orig") is None
   jax.tree.map(np.testing.assert_array_equal, restore_weights(tmp_path / "orig"),
                restore_weights(tmp_path / "mm"))  # the same weights either way
+
+
+def test_a_head_without_class_names_says_how_to_give_them(tmp_path, capsys):
+  capsys.readouterr()
+  assert cli_main(["uniformerv2", "--input", str(GOLDEN / "tiny_k400.pyth"), "--model",
+                   config_file(tmp_path, "tiny_k400"), "--output", str(tmp_path / "m")]) == 0
+  assert "no class names written (10-way head): pass --class-names FILE" in \
+      capsys.readouterr().out
+  assert read_class_names(tmp_path / "m") is None
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -342,6 +354,24 @@ def test_bad_arguments_get_one_line(tmp_path):
   err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
              "--class-names", names)
   assert f"--class-names {names}: 3 class names for a 10-way head" in err
+
+
+def test_paths_are_named_for_what_they_are(tmp_path):
+  """A folder given as --input, an --output whose folder cannot be written, a missing input
+  beside an existing output: one line each, naming the argument at fault."""
+  cfg = config_file(tmp_path, "tiny_k400")
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path, "--model", cfg)
+  assert f"{tmp_path} is a folder; --input takes a PyTorch checkpoint file" in err
+  (tmp_path / "a_file").write_text("")
+  for command in (["uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg],
+                  ["export", "--input", tmp_path, "--layout", "original"]):
+    out = tmp_path / "a_file" / "out"
+    code, err = cli(*command, "--output", out)
+    assert code == 2 and f"error: --output {out}: its folder {tmp_path / 'a_file'}: cannot " \
+        "write there" in err, err
+  (tmp_path / "taken").mkdir()
+  code, err = cli("checkpoint", "--input", tmp_path / "missing", "--output", tmp_path / "taken")
+  assert code == 2 and "missing: no such model directory" in err, err
 
 
 def test_overwrite_replaces_only_a_model_directory(tmp_path):

@@ -5,6 +5,8 @@ is the best any single-frame model can do; the assertion needs real temporal mod
 """
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -28,18 +30,31 @@ def test_reduced_demo_learns_motion(tmp_path):
         assert json.load(f)["best_top1"] == summary["best_top1"]
     assert os.listdir(tmp_path / "work" / "tensorboard")
 
-    # eval.py takes the run itself (its latest checkpoint, with the class names it recorded).
-    # Its one view per video (1 clip, centre crop) is the one training evaluates with: the
-    # same weights on the same frames give the same top-1.
+    # train.py rerun on the finished run trains nothing and spells eval.py's command for it:
+    # the config file and the dataset overrides (the model comes from the checkpoint).
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/demo.py",
+         f"--workdir={tmp_path / 'work'}", f"--config.dataset.data_dir={tmp_path / 'data'}",
+         "--config.dataset.num_train=256", "--config.dataset.num_val=64",
+         "--config.train.epochs=30", "--config.train.eval_every_epochs=30"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "is complete (step 240 of 240): nothing to train" in out.stdout, out.stdout
+    hint = re.search(r"Evaluate or convert the weights: (.*) \(latest step\)", out.stdout)
+    command = shlex.split(hint.group(1))
+    assert command[:2] == ["python", "eval.py"] and \
+        f"--checkpoint={tmp_path / 'work'}" in command, command
+    assert not any(a.startswith("--config.train.") for a in command), command
+
+    # eval.py, as the hint says, takes the run itself (its latest checkpoint, with the class
+    # names it recorded). Its one view per video (1 clip, centre crop) is the one training
+    # evaluates with: the same weights on the same frames give the same top-1.
     from uniformerv2_jax.checkpoint import read_class_names
     from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES
     assert read_class_names(tmp_path / "work") == list(SYNTHETIC_CLASSES)
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "eval.py"), f"--config={ROOT}/configs/demo.py",
-         f"--checkpoint={tmp_path / 'work'}", f"--config.dataset.data_dir={tmp_path / 'data'}",
-         "--config.dataset.num_train=256", "--config.dataset.num_val=64"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONPATH=ROOT))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *command[2:]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "work-synthetic-validation" / "summary.json").read_text())
     assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]

@@ -113,7 +113,8 @@ def test_preemption_at_an_eval_step_saves_first_and_evaluates_on_resume(tmp_path
 def test_an_evaluation_made_up_on_resume_counts_as_any_other(tmp_path, capsys, monkeypatch):
   """The made-up evaluation can make its step the best: that checkpoint is kept beside the
   latest ones (Orbax's own BestN never saw a metric for it). A run preempted at its last step
-  makes it up once: a later rerun reads it back from summary.json."""
+  makes it up once: a later rerun reads it back from summary.json, says the run is complete and
+  keeps the training run's time and final loss there."""
   import jax
   sys.path.insert(0, os.path.dirname(HELPER))
   from train_helper import tiny_config
@@ -138,13 +139,18 @@ def test_an_evaluation_made_up_on_resume_counts_as_any_other(tmp_path, capsys, m
 
   config = tiny_config({"train.epochs": 1, "train.checkpoint_every_steps": 100})
   monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: step == 4)  # the last
-  loop.train_and_evaluate(config, str(tmp_path / "b"))
+  trained = loop.train_and_evaluate(config, str(tmp_path / "b"))
   monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: False)
   evaluated.clear()
+  capsys.readouterr()
   runs = [loop.train_and_evaluate(config, str(tmp_path / "b")) for _ in range(2)]
   assert evaluated == [4]  # once, not on every rerun
   assert runs[0]["history"] == runs[1]["history"] and runs[1]["final_top1"] == 2.0
-  capsys.readouterr()
+  assert capsys.readouterr().out.count("is complete (step 4 of 4): nothing to train") == 2
+  written = json.loads((tmp_path / "b" / "summary.json").read_text())
+  assert trained["final_train_loss"] is not None
+  for k in ("wall_seconds", "final_train_loss"):
+    assert runs[1][k] == written[k] == trained[k], k
 
 
 def test_train_step_with_on_device_randaugment(tmp_path, monkeypatch):

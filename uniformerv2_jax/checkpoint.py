@@ -109,7 +109,7 @@ def check_output_directory(directory: str, overwrite: bool) -> None:
     return
   if not overwrite:
     raise CheckpointError(f"{directory} already exists; choose a new output directory, or "
-                          "replace it: --overwrite (overwrite=True)")
+                          "replace it (--overwrite; in Python, overwrite=True)")
   if not storage.exists(os.path.join(directory, CONFIG_FILE)):
     raise CheckpointError(f"{directory} exists and is not a model directory (no {CONFIG_FILE}); "
                           "--overwrite only replaces a model directory: choose another output, "

@@ -95,7 +95,9 @@ def _parse(argv):
   p = argparse.ArgumentParser(prog="python -m uniformerv2_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("videos", nargs="+", metavar="VIDEO")
-  p.add_argument("--checkpoint", required=True, help="model directory (save_pretrained/convert)")
+  p.add_argument("--checkpoint", required=True,
+                 help="model directory (save_pretrained, convert) or training run (WORKDIR: "
+                 "its latest step, or WORKDIR/checkpoints/STEP)")
   p.add_argument("--top", type=int, default=5)
   p.add_argument("--json", action="store_true", help="one JSON object per video on stdout")
   p.add_argument("--class-names", default=None, help="file with one class name per line")

@@ -176,8 +176,8 @@ def evaluate(evaluator: Evaluator, batches: Iterable[Mapping[str, np.ndarray]], 
     collect(*pending)
   seconds = time.perf_counter() - start
   result = acc.result(aggregate, seconds, complete_only)
-  log(f"eval: {len(result.video_ids)} videos x {num_views} views in {seconds:.1f}s "
-      f"({len(result.video_ids) / max(seconds, 1e-9):.2f} videos/s)")
+  log(f"eval: {len(result.video_ids)} videos x {num_views} view{'s' * (num_views != 1)} in "
+      f"{seconds:.1f}s ({len(result.video_ids) / max(seconds, 1e-9):.2f} videos/s)")
   return result
 
 

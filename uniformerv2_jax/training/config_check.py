@@ -199,8 +199,11 @@ def _override_problem(e: BaseException, argv) -> str:
       hint = " " + " ".join(text.splitlines()[1:]).strip()
     err = err.__cause__ or err.__context__
   key = str(_deepest(e).args[0] if _deepest(e).args else e).strip("\"' ")
+  files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if "has no attribute 'get_config" in key:  # a module, not a recipe
+    return (f"--config={files[0] if files else '?'}: the file defines no get_config(), so it is "
+            "no recipe; give one, e.g. configs/k400_b16.py or configs/demo.py")
   named = [a.split("=")[0] for a in argv
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-  files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   where = " or ".join(named) if named else f"--config={files[0] if files else '?'} (the file)"
   return f"{where}: the config has no field {key!r}.{hint}".rstrip()

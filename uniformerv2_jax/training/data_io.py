@@ -31,10 +31,15 @@ def source(config):
     from uniformerv2_jax.distributed import on_process_0
 
     def prepare():
-      return data.prepare_synthetic_dataset(
-          d.data_dir, d.num_train, d.num_val, size=d.synthetic_size,
-          num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
-          speed=tuple(d.synthetic_speed)).builder
+      try:
+        return data.prepare_synthetic_dataset(
+            d.data_dir, d.num_train, d.num_val, size=d.synthetic_size,
+            num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
+            speed=tuple(d.synthetic_speed)).builder
+      except OSError as e:
+        raise ValueError(f"data_dir {d.data_dir}: cannot build the synthetic dataset there "
+                         f"({e.strerror or e}: {e.filename or ''}); pass "
+                         "--config.dataset.data_dir=A_WRITABLE_FOLDER") from None
     # Process 0 renders and builds it first: on a shared disk the others then find it built
     # (they raced to write the same files); on disks of their own each builds its copy.
     builder = on_process_0(prepare, ValueError(

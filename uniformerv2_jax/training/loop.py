@@ -166,8 +166,10 @@ def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
       f"stopped. {where}{aside} Lower train.base_lr or check the data, then rerun.")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json."""
+def train_and_evaluate(config, workdir: str,
+                       eval_command: str = "python eval.py --config=CONFIG") -> dict:
+  """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json.
+  `eval_command`: how the closing hint spells eval.py's command for this run."""
   t0 = time.time()
   workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
@@ -229,6 +231,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ev = ev or evaluate(p_eval, state, config, builder, eval_per_host, mesh)
     best, best_step = _record_eval(ev, start, history, best, best_step, writer)
 
+  if start >= total_steps:
+    log(f"The run in {workdir} is complete (step {start} of {total_steps}): nothing to train. "
+        "To train it longer, raise --config.train.epochs.")
   train_iter = data_io.train_batches(config, builder, per_host, start)
   peak = peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
@@ -309,9 +314,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "preempted": preempted, "history": history,
              "final_train_loss": float(jax.device_get(metrics["loss"])) if metrics else None}
   if jax.process_index() == 0:
+    if metrics is None:  # no step ran (a rerun): the run that trained keeps its time and loss
+      previous = _read_summary(workdir) or {}
+      if previous.get("steps") == step:
+        summary.update({k: previous[k] for k in ("wall_seconds", "final_train_loss")
+                        if k in previous})
     storage.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     if best_step is not None and storage.isdir(os.path.join(ckpt.directory, str(best_step))):
-      log(f"Evaluate or convert the weights: eval.py --config=CONFIG --checkpoint={workdir} "
+      log(f"Evaluate or convert the weights: {eval_command} --checkpoint={workdir} "
           f"(latest step) or --checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
   return summary
 
@@ -323,14 +333,22 @@ def _eval_due(step: int, eval_every: int, total_steps: int) -> bool:
 _EVAL_KEYS = ("top1", "loss", "count")
 
 
+def _read_summary(workdir: str) -> dict | None:
+  """summary.json of the run in `workdir`, or None (missing, cut short, not JSON)."""
+  try:
+    summary = json.loads(storage.read_text(os.path.join(workdir, "summary.json")))
+  except Exception:  # noqa: BLE001
+    return None
+  return summary if isinstance(summary, dict) else None
+
+
 def _summary_eval(workdir: str, step: int) -> dict | None:
   """The evaluation of `step` that summary.json records (or None), as process 0 reads it: every
   host takes the same branch (a host that evaluated alone would wait at a collective forever)."""
   found = None
   if jax.process_index() == 0:
     try:
-      summary = json.loads(storage.read_text(os.path.join(workdir, "summary.json")))
-      h = next(h for h in summary["history"] if h["step"] == step)
+      h = next(h for h in _read_summary(workdir)["history"] if h["step"] == step)
       found = [float(h[k]) for k in _EVAL_KEYS]
     except Exception:  # noqa: BLE001  (missing, another run's, cut short: evaluate instead)
       pass
