@@ -45,6 +45,13 @@ def main(argv):
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value
+  from uniformerv2_jax.evaluation.driver import SPEED_FIELDS
+  ignored = [f"--config.{k}" for k in config_flags.get_override_values(FLAGS["config"])
+             if k.startswith("model.") and k.split(".")[1] not in SPEED_FIELDS]
+  import jax
+  if ignored and jax.process_index() == 0:
+    print(f"eval: note: {', '.join(ignored)} ignored: the model comes from the checkpoint "
+          f"(config.model may set {', '.join(SPEED_FIELDS)})", file=sys.stderr)
   from uniformerv2_jax import storage
   path = storage.absolute(_CHECKPOINT.value)  # normalised: no trailing slash, no ".."
   name = os.path.basename(path)

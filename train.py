@@ -28,10 +28,13 @@ FLAGS = flags.FLAGS
 
 def _eval_command() -> str:
   """eval.py's command for this run: its config file and the overrides eval.py reads (the
-  model comes from the checkpoint)."""
+  model comes from the checkpoint, but for its speed fields, dtype among them)."""
+  from uniformerv2_jax.evaluation.driver import SPEED_FIELDS
   args = [f"--config={config_flags.get_config_filename(FLAGS['config'])}"]
   for key, value in sorted(config_flags.get_override_values(FLAGS["config"]).items()):
-    if key.split(".")[0] in ("dataset", "input", "eval", "mesh"):
+    section, _, field = key.partition(".")
+    if section in ("dataset", "input", "eval", "mesh") or (
+        section == "model" and field in SPEED_FIELDS):
       args.append(f"--config.{key}={value}")
   return " ".join(["python eval.py", *map(shlex.quote, args)])
 

@@ -53,9 +53,11 @@ def test_reduced_demo_learns_motion(tmp_path):
     from uniformerv2_jax.checkpoint import read_class_names
     from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES
     assert read_class_names(tmp_path / "work") == list(SYNTHETIC_CLASSES)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *command[2:]],
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *command[2:],
+                          "--config.model.width=32"],  # the checkpoint's architecture wins
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "--config.model.width ignored: the model comes from the checkpoint" in out.stderr
     result = json.loads((tmp_path / "eval" / "work-synthetic-validation" / "summary.json").read_text())
     assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]
     assert result["checkpoint"] == str(tmp_path / "work" / "checkpoints" / "240")  # the step read
