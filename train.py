@@ -36,7 +36,8 @@ def _eval_command() -> str:
     if section in ("dataset", "input", "eval", "mesh") or (
         section == "model" and field in SPEED_FIELDS):
       args.append(f"--config.{key}={value}")
-  return " ".join(["python eval.py", *map(shlex.quote, args)])
+  script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"))
+  return " ".join(["python", *map(shlex.quote, [script, *args])])
 
 
 def main(argv):

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from convert.io import ConversionError, load_torch_file, tensor_dict, torch_module
+from convert.io import (ConversionError, check_input_file, load_torch_file, tensor_dict,
+                        torch_module)
 from uniformerv2_jax import storage
 
 Log = Callable[[str], None]
@@ -83,6 +84,7 @@ def convert_clip_file(input_path: str, model: str, output: str, *, sets: Mapping
   from uniformerv2_jax.checkpoint import save_pretrained
 
   from convert import clip, infer
+  check_input_file(input_path)
   _check_output(output, overwrite)
   tensors = tensor_dict(load_torch_file(input_path, trust_pickle), input_path)
   tower = clip.image_tower(tensors, input_path)
@@ -111,6 +113,7 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
   from uniformerv2_jax.weights import torch_tensors_to_tree
 
   from convert import infer
+  check_input_file(input_path)
   _check_output(output, overwrite)
   # Not memory-mapped: every tensor has its own buffer, freed as soon as its JAX-layout
   # copy exists (see _own_leaves), so the peak stays near one copy of the weights.
@@ -186,8 +189,9 @@ def _default_class_names(layout: str, num_classes: int, log: Log) -> list[str] |
   name = KINETICS_HEADS.get(num_classes)
   if name is None:
     log(f"note: no class names written ({num_classes}-way head): pass --class-names FILE (one "
-        "name a line, in the head's order) so that eval.py can match the head's classes to a "
-        "dataset's and predictions name them")
+        "name a line, in the head's order). Without them eval.py refuses the model (it cannot "
+        "match the head's classes to the dataset's; --config.eval.match_class_names=False "
+        "trusts the order) and predictions give class numbers")
     return None
   if layout == "mmaction2":  # mmaction2 re-ordered its ported heads to its label maps
     log(f"class names: mmaction2's label_map_{name}.txt, the order of its {num_classes}-way "
@@ -289,10 +293,24 @@ def _check_output_file(output: str, overwrite: bool) -> None:
 
 
 def _check_writable(output: str) -> None:
+  """Before any work: a probe file in --output's nearest existing folder (none is created
+  here); in a bucket, storage.ensure_writable of its folder."""
+  if storage.is_url(output):
+    if output.rstrip("/").count("/") > 2:  # below the bucket
+      try:
+        storage.ensure_writable(output.rstrip("/").rsplit("/", 1)[0])
+      except PermissionError as e:
+        raise ConversionError(f"--output {output}: its folder {e}") from None
+    return
+  existing = os.path.dirname(output)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
   try:
-    storage.ensure_writable(os.path.dirname(output))
-  except PermissionError as e:
-    raise ConversionError(f"--output {output}: its folder {e}") from None
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ConversionError(f"--output {output}: cannot write in {existing} "
+                          f"({e.strerror or e})") from None
 
 
 __all__ = ["ConversionError", "checkpoint_to_model_dir", "convert_clip_file",

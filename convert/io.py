@@ -43,9 +43,8 @@ def torch_module():
   return torch
 
 
-def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) -> Any:
-  """The object stored in a .pt/.pth/.pyth file, with tensors (memory-mapped when possible)."""
-  torch = torch_module()
+def check_input_file(path: str) -> None:
+  """A local, non-empty file: checked before any output is looked at or any work done."""
   path = os.fspath(path)
   if "://" in path:
     raise ConversionError(f"{path}: PyTorch files are read from a local disk; copy it first "
@@ -57,6 +56,13 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
     raise ConversionError(f"{path}: no such file")
   if os.path.getsize(path) == 0:
     raise ConversionError(f"{path}: the file is empty (truncated download?)")
+
+
+def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) -> Any:
+  """The object stored in a .pt/.pth/.pyth file, with tensors (memory-mapped when possible)."""
+  torch = torch_module()
+  path = os.fspath(path)
+  check_input_file(path)
   is_zip = zipfile.is_zipfile(path)
   if not is_zip:
     with open(path, "rb") as f:

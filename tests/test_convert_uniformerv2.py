@@ -367,11 +367,15 @@ def test_paths_are_named_for_what_they_are(tmp_path):
                   ["export", "--input", tmp_path, "--layout", "original"]):
     out = tmp_path / "a_file" / "out"
     code, err = cli(*command, "--output", out)
-    assert code == 2 and f"error: --output {out}: its folder {tmp_path / 'a_file'}: cannot " \
-        "write there" in err, err
+    assert code == 2 and f"error: --output {out}: cannot write in {tmp_path / 'a_file'}" in err, \
+        err
   (tmp_path / "taken").mkdir()
   code, err = cli("checkpoint", "--input", tmp_path / "missing", "--output", tmp_path / "taken")
   assert code == 2 and "missing: no such model directory" in err, err
+  code, err = cli("uniformerv2", "--input", tmp_path / "missing.pyth", "--model", cfg,
+                  "--output", tmp_path / "new" / "model")
+  assert code == 2 and "missing.pyth: no such file" in err, err
+  assert not (tmp_path / "new").exists()  # no folder made for an output never written
 
 
 def test_overwrite_replaces_only_a_model_directory(tmp_path):

@@ -31,20 +31,24 @@ def test_reduced_demo_learns_motion(tmp_path):
     assert os.listdir(tmp_path / "work" / "tensorboard")
 
     # train.py rerun on the finished run trains nothing and spells eval.py's command for it:
-    # the config file and the dataset overrides (the model comes from the checkpoint).
+    # the config file, the dataset overrides and the model's dtype (the rest of the model
+    # comes from the checkpoint).
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/demo.py",
          f"--workdir={tmp_path / 'work'}", f"--config.dataset.data_dir={tmp_path / 'data'}",
          "--config.dataset.num_train=256", "--config.dataset.num_val=64",
-         "--config.train.epochs=30", "--config.train.eval_every_epochs=30"],
+         "--config.train.epochs=30", "--config.train.eval_every_epochs=30",
+         "--config.model.dtype=float32"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "is complete (step 240 of 240): nothing to train" in out.stdout, out.stdout
     hint = re.search(r"Evaluate or convert the weights: (.*) \(latest step\)", out.stdout)
     command = shlex.split(hint.group(1))
-    assert command[:2] == ["python", "eval.py"] and \
-        f"--checkpoint={tmp_path / 'work'}" in command, command
+    assert command[0] == "python" and os.path.samefile(tmp_path / command[1],
+                                                       os.path.join(ROOT, "eval.py")), command
+    assert f"--checkpoint={tmp_path / 'work'}" in command, command
+    assert "--config.model.dtype=float32" in command, command  # eval.py reads the dtype
     assert not any(a.startswith("--config.train.") for a in command), command
 
     # eval.py, as the hint says, takes the run itself (its latest checkpoint, with the class
@@ -53,7 +57,7 @@ def test_reduced_demo_learns_motion(tmp_path):
     from uniformerv2_jax.checkpoint import read_class_names
     from uniformerv2_jax.data.synthetic import SYNTHETIC_CLASSES
     assert read_class_names(tmp_path / "work") == list(SYNTHETIC_CLASSES)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *command[2:],
+    out = subprocess.run([sys.executable, *command[1:],
                           "--config.model.width=32"],  # the checkpoint's architecture wins
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -136,6 +136,12 @@ def test_an_evaluation_made_up_on_resume_counts_as_any_other(tmp_path, capsys, m
   summary = loop.train_and_evaluate(config, str(tmp_path / "a"))
   assert evaluated == [4, 8, 12, 16] and summary["best_step"] == 4
   assert sorted(os.listdir(tmp_path / "a" / "checkpoints"), key=int) == ["4", "12", "16"]
+  capsys.readouterr()
+  shorter = tiny_config({"train.epochs": 2, "train.checkpoint_every_steps": 100,
+                         "train.keep_checkpoints": 2})
+  loop.train_and_evaluate(shorter, str(tmp_path / "a"))
+  assert "(step 16) is past this config's 8 steps: nothing to train" in capsys.readouterr().out
+  assert evaluated == [4, 8, 12, 16]
 
   config = tiny_config({"train.epochs": 1, "train.checkpoint_every_steps": 100})
   monkeypatch.setattr(PreemptionWatcher, "reached", lambda self, step: step == 4)  # the last

@@ -200,7 +200,7 @@ def _override_problem(e: BaseException, argv) -> str:
     err = err.__cause__ or err.__context__
   key = str(_deepest(e).args[0] if _deepest(e).args else e).strip("\"' ")
   files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-  if "has no attribute 'get_config" in key:  # a module, not a recipe
+  if "module 'config_config' has no attribute 'get_config" in key:  # the --config file itself
     return (f"--config={files[0] if files else '?'}: the file defines no get_config(), so it is "
             "no recipe; give one, e.g. configs/k400_b16.py or configs/demo.py")
   named = [a.split("=")[0] for a in argv

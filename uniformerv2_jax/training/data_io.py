@@ -37,9 +37,10 @@ def source(config):
             num_frames=d.synthetic_frames, radius=tuple(d.synthetic_radius),
             speed=tuple(d.synthetic_speed)).builder
       except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
         raise ValueError(f"data_dir {d.data_dir}: cannot build the synthetic dataset there "
-                         f"({e.strerror or e}: {e.filename or ''}); pass "
-                         "--config.dataset.data_dir=A_WRITABLE_FOLDER") from None
+                         f"({e.strerror or e}{where}); give a folder with room that this "
+                         "machine can write: --config.dataset.data_dir=FOLDER") from None
     # Process 0 renders and builds it first: on a shared disk the others then find it built
     # (they raced to write the same files); on disks of their own each builds its copy.
     builder = on_process_0(prepare, ValueError(

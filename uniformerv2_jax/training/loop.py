@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 
 import jax
@@ -168,7 +169,8 @@ def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
 
 def train_and_evaluate(config, workdir: str,
                        eval_command: str = "python eval.py --config=CONFIG") -> dict:
-  """Runs (or resumes) the recipe in `config`; returns the summary written to summary.json.
+  """Runs (or resumes) the recipe in `config`; returns the summary process 0 writes to
+  summary.json (the other processes: their own time and last loss, not the file's).
   `eval_command`: how the closing hint spells eval.py's command for this run."""
   t0 = time.time()
   workdir = storage.absolute(workdir)
@@ -227,13 +229,17 @@ def train_and_evaluate(config, workdir: str,
   if latest is not None and _eval_due(start, eval_every, total_steps) and \
       not any(h["step"] == start for h in history):  # preempted before its evaluation
     # a finished run keeps the one it made up in summary.json (no later save holds it)
-    ev = _summary_eval(workdir, start) if start == total_steps else None
+    ev = _summary_eval(workdir, start) if start >= total_steps else None
     ev = ev or evaluate(p_eval, state, config, builder, eval_per_host, mesh)
     best, best_step = _record_eval(ev, start, history, best, best_step, writer)
 
-  if start >= total_steps:
+  if latest is not None and start == total_steps:
     log(f"The run in {workdir} is complete (step {start} of {total_steps}): nothing to train. "
-        "To train it longer, raise --config.train.epochs.")
+        "To train it longer, raise --config.train.epochs (the learning-rate schedule then "
+        "spans the new length: the rate rises again from where that schedule is).")
+  elif latest is not None and start > total_steps:
+    log(f"The checkpoint in {workdir} (step {start}) is past this config's {total_steps} "
+        "steps: nothing to train.")
   train_iter = data_io.train_batches(config, builder, per_host, start)
   peak = peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
@@ -321,8 +327,10 @@ def train_and_evaluate(config, workdir: str,
                         if k in previous})
     storage.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     if best_step is not None and storage.isdir(os.path.join(ckpt.directory, str(best_step))):
-      log(f"Evaluate or convert the weights: {eval_command} --checkpoint={workdir} "
-          f"(latest step) or --checkpoint={os.path.join(ckpt.directory, str(best_step))} (best)")
+      best_dir = os.path.join(ckpt.directory, str(best_step))
+      log(f"Evaluate or convert the weights: {eval_command} "
+          f"{shlex.quote(f'--checkpoint={workdir}')} (latest step) or "
+          f"{shlex.quote(f'--checkpoint={best_dir}')} (best)")
   return summary
 
 
