@@ -235,8 +235,8 @@ def train_and_evaluate(config, workdir: str,
 
   if latest is not None and start == total_steps:
     log(f"The run in {workdir} is complete (step {start} of {total_steps}): nothing to train. "
-        "To train it longer, raise --config.train.epochs (the learning-rate schedule then "
-        "spans the new length: the rate rises again from where that schedule is).")
+        "To train it longer, raise --config.train.epochs (the learning-rate schedule is then "
+        "stretched over the new length, so the rate goes back up).")
   elif latest is not None and start > total_steps:
     log(f"The checkpoint in {workdir} (step {start}) is past this config's {total_steps} "
         "steps: nothing to train.")
