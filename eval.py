@@ -45,13 +45,14 @@ def main(argv):
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
   config = _CONFIG.value
-  from uniformerv2_jax.evaluation.driver import SPEED_FIELDS
+  from uniformerv2_jax.evaluation.driver import SPEED_FIELDS, reads_override
   ignored = [f"--config.{k}" for k in config_flags.get_override_values(FLAGS["config"])
-             if k.startswith("model.") and k.split(".")[1] not in SPEED_FIELDS]
+             if not reads_override(k)]
   import jax
   if ignored and jax.process_index() == 0:
-    print(f"eval: note: {', '.join(ignored)} ignored: the model comes from the checkpoint "
-          f"(config.model may set {', '.join(SPEED_FIELDS)})", file=sys.stderr)
+    print(f"eval: note: {', '.join(ignored)} ignored: evaluation reads config.dataset, input, "
+          f"eval and mesh; the model comes from the checkpoint (config.model may set "
+          f"{', '.join(SPEED_FIELDS)})", file=sys.stderr)
   from uniformerv2_jax import storage
   path = storage.absolute(_CHECKPOINT.value)  # normalised: no trailing slash, no ".."
   name = os.path.basename(path)

@@ -29,12 +29,10 @@ FLAGS = flags.FLAGS
 def _eval_command() -> str:
   """eval.py's command for this run: its config file and the overrides eval.py reads (the
   model comes from the checkpoint, but for its speed fields, dtype among them)."""
-  from uniformerv2_jax.evaluation.driver import SPEED_FIELDS
+  from uniformerv2_jax.evaluation.driver import reads_override
   args = [f"--config={config_flags.get_config_filename(FLAGS['config'])}"]
   for key, value in sorted(config_flags.get_override_values(FLAGS["config"]).items()):
-    section, _, field = key.partition(".")
-    if section in ("dataset", "input", "eval", "mesh") or (
-        section == "model" and field in SPEED_FIELDS):
+    if reads_override(key):
       args.append(f"--config.{key}={value}")
   script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"))
   return " ".join(["python", *map(shlex.quote, [script, *args])])

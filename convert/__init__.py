@@ -258,9 +258,7 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   os.close(fd)
   try:
     torch.save(state, tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
+    storage.make_public(tmp, 0o666)
     os.replace(tmp, output)
   except BaseException:
     if os.path.exists(tmp):

@@ -61,7 +61,7 @@ def test_reduced_demo_learns_motion(tmp_path):
                           "--config.model.width=32"],  # the checkpoint's architecture wins
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "--config.model.width ignored: the model comes from the checkpoint" in out.stderr
+    assert "--config.model.width ignored: evaluation reads config.dataset" in out.stderr
     result = json.loads((tmp_path / "eval" / "work-synthetic-validation" / "summary.json").read_text())
     assert result["num_videos"] == 64 and result["top1"] == summary["final_top1"]
     assert result["checkpoint"] == str(tmp_path / "work" / "checkpoints" / "240")  # the step read

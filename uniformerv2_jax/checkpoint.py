@@ -140,9 +140,7 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
   try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+    storage.make_public(tmp, 0o777)  # mkdtemp makes it private; a model directory is not
     _write_weights(os.path.join(tmp, WEIGHTS_DIR), flat)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(stored.to_json() + "\n")

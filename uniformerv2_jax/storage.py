@@ -44,6 +44,14 @@ def listdir(path) -> list[str]:
   return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
 
+def make_public(path, mode: int) -> None:
+  """Gives a private temporary file or folder (mkstemp/mkdtemp: 0600/0700) the mode open() and
+  mkdir() would have given: `mode` less the process's umask."""
+  umask = os.umask(0)  # the umask is only readable by setting it
+  os.umask(umask)
+  os.chmod(path, mode & ~umask)
+
+
 def makedirs(path) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 

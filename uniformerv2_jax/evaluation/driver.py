@@ -27,6 +27,15 @@ from uniformerv2_jax.sharding import make_mesh
 SPEED_FIELDS = ("dtype", "scan_layers", "remat", "remat_blocks", "attention")
 
 
+def reads_override(key: str) -> bool:
+  """Whether eval.py reads the config field `key` ("dataset.data_dir", "model.width", ...):
+  config.dataset, input, eval and mesh, and of config.model only its speed fields (the
+  architecture comes from the checkpoint); not config.train or the initialisation."""
+  section, _, field = key.partition(".")
+  return section in ("dataset", "input", "eval", "mesh") or (
+      section == "model" and field in SPEED_FIELDS)
+
+
 def _get(cfg, key, default=None):
   try:
     value = cfg.get(key, default)
