@@ -173,6 +173,8 @@ def test_train_py_reports_bad_config_without_traceback(tmp_path):
 @pytest.mark.parametrize("script,args,message", [
     ("train.py", ["--config=configs/demo.py", "--config.trian.epochs=1"],
      "error: --config.trian.epochs: the config has no field 'trian'. Did you mean \"train\""),
+    ("train.py", ["--config=configs/demo.py", "--config.seed=3"],
+     "error: --config.seed: the config has no field 'seed'. Did you mean --config.train.seed?"),
     ("eval.py", ["--config=configs/demoo.py", "--checkpoint=x"],
      "error: --config: cannot load the config file: [Errno 2] No such file or directory: "
      "'configs/demoo.py'"),

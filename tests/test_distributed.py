@@ -158,3 +158,48 @@ def test_an_incomplete_explicit_setup_is_one_message():
                      match=r"^multi-host start-up on the given coordinator failed: [^\n]+\. "
                      r"check that HOST:PORT is process 0's and reachable from every host"):
     distributed.maybe_initialize(values, {}, False)
+
+
+SRUN_TASK = r'''
+import sys, types
+from uniformerv2_jax import distributed
+distributed.maybe_initialize(types.SimpleNamespace(
+    coordinator_address=None, num_processes=None, process_id=None, cpu_collectives="gloo"))
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+ids = multihost_utils.process_allgather(np.array([jax.process_index()]))
+print("process", jax.process_index(), "of", jax.process_count(), "saw", ids.ravel().tolist(),
+      flush=True)
+'''
+
+
+def test_two_srun_tasks_find_each_other_by_themselves(tmp_path):
+  """What srun sets in each task of a 2-task step on one node: the processes start
+  jax.distributed with no flag but --cpu_collectives (JAX's SLURM detection: the
+  coordinator is the step's first node, its port derived from the job id) and meet."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:  # a free port in the range JAX derives from the job id
+    for port in range(65535 - 2 ** 12 + 1 + 1234, 65536):
+      try:
+        s.bind(("127.0.0.1", port))
+        break
+      except OSError:
+        continue
+  job = port - (65535 - 2 ** 12 + 1)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", SRUN_TASK], cwd=tmp_path, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", SLURM_JOB_ID=str(job),
+               SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NTASKS="2",
+               SLURM_PROCID=str(i), SLURM_LOCALID=str(i))) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, out in enumerate(outs):
+    assert f"process {i} of 2 saw [0, 1]" in out, out[-2000:]

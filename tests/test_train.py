@@ -488,3 +488,26 @@ def test_a_dataset_folder_without_a_built_dataset_is_a_config_error(tmp_path):
   config = tiny_config({"dataset.name": "halfbuilt", "dataset.data_dir": str(tmp_path / "tfds")})
   with pytest.raises(ConfigError, match=r"config.dataset: .*halfbuilt: no built dataset there"):
     train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_resume_with_other_optimiser_settings_says_what_changes(runs, tmp_path, capsys):
+  """The upstream takes a resumed run's new learning rate or length silently; here the run
+  trains on with them and says which changed and what the rate at the resumed step becomes."""
+  import shutil
+
+  from train_helper import tiny_config
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  from uniformerv2_jax.training.optim import lr_schedule
+  run = tmp_path / "run"
+  shutil.copytree(runs[0], run)
+  config = tiny_config({"train.eps": 1e-3, "train.base_lr": 3e-4, "train.epochs": 1.5})
+  old = tiny_config({})
+  summary = train_and_evaluate(config, str(run))
+  assert summary["steps"] == 6
+  tc = config.train
+  was = lr_schedule(old.train.base_lr, 4, 2, tc.warmup_start_lr, tc.min_lr)(4)
+  now = lr_schedule(3e-4, 6, 2, tc.warmup_start_lr, tc.min_lr)(4)
+  assert was == np.float32(tc.min_lr) and now > 10 * tc.min_lr  # the old run had ended
+  assert (f"note: the checkpoint was trained with other config.train settings (epochs 1 -> 1.5; "
+          f"base_lr {old.train.base_lr:g} -> 0.0003); the new ones apply from step 4 on "
+          f"(learning rate {float(was):.3g} -> {float(now):.3g})") in capsys.readouterr().out

@@ -454,3 +454,18 @@ if __name__ == "__main__":  # accum_runs' subprocess: 4 CPU devices
   np.savez(sys.argv[2], metrics=np.array([[m[k] for k in ("loss", "grad_norm", "top1", "lr")]
                                           for m in per_step]),
            **{"state/" + k: v for k, v in final.items()})
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("TPU v5", 459e12),  # a v5p chip: the device_kind of libtpu's v5p:4x4x4 topology
+    ("TPU v5 lite", 197e12),  # v5e: not a v5p
+    ("TPU v4", 275e12),
+    ("NVIDIA H100 80GB HBM3", 797e12),  # the lent H100's name; its measured bf16 matmul peak
+    ("cpu", None)])
+def test_device_peaks_follow_jax_device_kinds(kind, peak):
+  """MFU and the TPU compilation's step times divide by these: a v5p chip, whose kind does
+  not say "v5p", had none (and the training log had another H100 peak than the benchmark)."""
+  import types
+
+  from uniformerv2_jax.flops import device_peak_flops
+  assert device_peak_flops(types.SimpleNamespace(device_kind=kind)) == peak

@@ -40,22 +40,25 @@ def inference_flops_per_clip(cfg: ModelConfig) -> float:
   return 2 * forward_macs(cfg)
 
 
-# Dense bf16 peak FLOP/s per device. H100: the 797 TFLOP/s measured on this project's
-# H100 for an 8192^3 bf16 matmul (the datasheet says 989); the others are datasheet values.
+# Dense bf16 peak FLOP/s per device, by a part of jax's device_kind (lower-case), the first
+# that matches. H100: the 797 TFLOP/s measured on this project's H100 for an 8192^3 bf16
+# matmul (the datasheet says 989); the others are datasheet values. JAX names a v5e chip
+# "TPU v5 lite" and a v5p chip "TPU v5" (libtpu's v5p topologies too), so "tpu v5" comes last.
 PEAK_FLOPS = {
     "h100": 797e12,
     "h200": 797e12,
     "a100": 312e12,
     "tpu v4": 275e12,
-    "tpu v5p": 459e12,
     "tpu v5 lite": 197e12,
     "tpu v5e": 197e12,
     "tpu v6 lite": 918e12,
+    "tpu v5": 459e12,
 }
 
 
 def device_peak_flops(device=None) -> float | None:
-  """bf16 peak of a device, or None when unknown (e.g. CPU)."""
+  """bf16 peak of a device, or None when unknown (e.g. CPU). The training log's MFU, the
+  benchmarks' and the TPU compilation's step times all divide by it."""
   kind = (device or jax.devices()[0]).device_kind.lower()
   for name, peak in PEAK_FLOPS.items():
     if name in kind:

@@ -69,15 +69,18 @@ class VideoConfig(tfds.core.BuilderConfig):
     on_unknown_label: str = "error"   # or "skip" (listed in the skip report)
 
 
-class _CustomConfigsAreNormal(logging.Filter):
+class _TfdsNoise(logging.Filter):
     """TFDS logs a warning that dumps the whole config for every config it does not list
-    (your own lists, a named config's derived name): here that is the normal case."""
+    (your own lists, a named config's derived name): here that is the normal case. And its
+    Video feature reads its own deprecated `FeatureConnector.dtype` when it writes the
+    dataset's info: nothing a user of this package can change."""
 
     def filter(self, record):
-        return not str(record.msg).startswith("Using custom data configuration")
+        return not str(record.msg).startswith(("Using custom data configuration",
+                                               "`FeatureConnector.dtype` is deprecated"))
 
 
-logging.getLogger("absl").addFilter(_CustomConfigsAreNormal())
+logging.getLogger("absl").addFilter(_TfdsNoise())
 
 
 def _kinetics(n: int) -> VideoConfig:
@@ -202,6 +205,15 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, file_format=None, num_workers: int | None = None, **kwargs):
         self._num_workers = os.cpu_count() if num_workers is None else num_workers
         super().__init__(file_format=file_format or "array_record", **kwargs)
+
+    # TFDS's own lines say "Downloading and preparing dataset Unknown size ...": say what
+    # happens instead (TFDS calls these two around the build; its own output otherwise).
+    def _log_download_bytes(self) -> None:
+        print(f"Building {self.name}/{self.builder_config.name} in {self.data_dir} from local "
+              "videos (nothing is downloaded)", flush=True)
+
+    def _log_download_done(self) -> None:
+        print(f"Built {self.name}/{self.builder_config.name} in {self.data_dir}", flush=True)
 
     def _download_and_prepare(self, dl_manager, download_config=None):
         with _uncompressed_array_record():

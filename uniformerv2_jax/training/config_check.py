@@ -206,4 +206,26 @@ def _override_problem(e: BaseException, argv) -> str:
   named = [a.split("=")[0] for a in argv
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
   where = " or ".join(named) if named else f"--config={files[0] if files else '?'} (the file)"
+  if not hint and named:
+    hint = _field_hint(named[0].removeprefix("--config."), key)
   return f"{where}: the config has no field {key!r}.{hint}".rstrip()
+
+
+def _leaf_paths(config, prefix="") -> list[str]:
+  out = []
+  for key in config.keys():
+    value = config[key]
+    out += (_leaf_paths(value, f"{prefix}{key}.") if hasattr(value, "keys")
+            else [f"{prefix}{key}"])
+  return out
+
+
+def _field_hint(path: str, key: str) -> str:
+  """' Did you mean --config.train.seed?' for --config.seed: the schema's fields that end
+  with the override's path from its unknown part on (ml_collections only suggests names
+  spelled alike at the same level)."""
+  from configs.common import get_base_config
+  parts = path.split(".")
+  rest = ".".join(parts[parts.index(key):])
+  found = [p for p in _leaf_paths(get_base_config()) if p == rest or p.endswith("." + rest)]
+  return f" Did you mean {' or '.join('--config.' + p for p in found)}?" if found else ""

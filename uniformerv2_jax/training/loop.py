@@ -14,25 +14,16 @@ from flax import nnx
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax import storage
 from uniformerv2_jax.distributed import process_0_floats
-from uniformerv2_jax.training import config_check, data_io
+from uniformerv2_jax.flops import device_peak_flops
+from uniformerv2_jax.training import config_check, data_io, optim
 from uniformerv2_jax.training.config_check import build_model_config
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
 from uniformerv2_jax.training.state import create_train_state, state_shapes
 from uniformerv2_jax.training.step import jit_eval_step, make_eval_step, setup_training
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets; H100 SXM: 989e12 dense, not the
-# 1979e12 "with sparsity"). Matched against jax's device_kind, lower-case.
-PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12), ("a100", 312e12), ("v5p", 459e12),
-              ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12))
-
 
 class TrainingDiverged(FloatingPointError):
   pass
-
-
-def peak_flops(device) -> float | None:
-  kind = device.device_kind.lower()
-  return next((f for k, f in PEAK_FLOPS if k in kind), None)
 
 
 def log(msg: str) -> None:
@@ -150,6 +141,22 @@ def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
         "pointing at this run to start from its weights)")
 
 
+def _optimizer_note(saved: dict | None, train_cfg, step: int, steps_per_epoch: int):
+  """A note when a resumed run's optimiser settings differ from the checkpoint's."""
+  now = optim.settings(train_cfg)
+  changed = [f"{k} {saved[k]:g} -> {now[k]:g}" for k in now
+             if saved and k in saved and saved[k] != now[k]]
+  if not changed:
+    return None
+
+  def lr(s):
+    total_steps = round(s["epochs"] * steps_per_epoch)
+    return float(optim.schedule_for(s, total_steps, steps_per_epoch)(step))
+  return (f"note: the checkpoint was trained with other config.train settings "
+          f"({'; '.join(changed)}); the new ones apply from step {step} on (learning rate "
+          f"{lr(saved):.3g} -> {lr(now):.3g})")
+
+
 def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
   """The error for a non-finite loss at `step`. The loss of step s comes from the weights
   before its update (those saved at s - 1): a finite one vouches for the checkpoints saved
@@ -202,7 +209,8 @@ def train_and_evaluate(config, workdir: str,
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
   stream = _input_stream(config, steps_per_epoch)
   meta_base = {"model_config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
-               "input_stream": stream, "class_names": data_io.class_names(builder)}
+               "input_stream": stream, "class_names": data_io.class_names(builder),
+               "optimizer": optim.settings(tc)}
   history, best, best_step = [], 0.0, None
   latest = ckpt.latest_step()
   if latest is not None:
@@ -211,6 +219,9 @@ def train_and_evaluate(config, workdir: str,
     history, best = meta.get("history", []), meta.get("best_top1", 0.0)
     best_step = meta.get("best_step")
     log(f"Resumed from {ckpt.directory} step {latest}")
+    note = _optimizer_note(meta.get("optimizer"), tc, latest, steps_per_epoch)
+    if note:
+      log(note)
   else:
     state, _ = create_train_state(mdef, tx, mesh, seed=tc.seed, frozen=cfg.frozen,
                                   init_weights=init_weights(config, cfg, mesh),
@@ -241,7 +252,7 @@ def train_and_evaluate(config, workdir: str,
     log(f"The checkpoint in {workdir} (step {start}) is past this config's {total_steps} "
         "steps: nothing to train.")
   train_iter = data_io.train_batches(config, builder, per_host, start)
-  peak = peak_flops(jax.devices()[0])
+  peak = device_peak_flops(jax.devices()[0])
   flops, step_flops_known = None, False
   # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss. A finite
   # loss at a check vouches for every step saved before it (saves follow the check); the one

@@ -50,11 +50,26 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# The config.train fields the updates depend on. A checkpoint records them; a resumed run
+# may change them (it says so: upstream and mmaction2 take the new values silently).
+SETTINGS = ("epochs", "warmup_epochs", "base_lr", "warmup_start_lr", "min_lr", "weight_decay",
+            "grad_clip", "b1", "b2", "eps")
+
+
+def settings(train_cfg) -> dict:
+  return {k: float(train_cfg[k]) for k in SETTINGS}
+
+
+def schedule_for(train_cfg, total_steps: int, steps_per_epoch: int):
+  """The learning-rate schedule of `config.train` (or of its `settings`)."""
+  c = train_cfg
+  return lr_schedule(c["base_lr"], total_steps, round(c["warmup_epochs"] * steps_per_epoch),
+                     c["warmup_start_lr"], c["min_lr"])
+
+
 def make_optimizer(train_cfg, total_steps: int, steps_per_epoch: int):
   """optax transformation and schedule from `config.train`."""
-  schedule = lr_schedule(train_cfg.base_lr, total_steps,
-                         round(train_cfg.warmup_epochs * steps_per_epoch),
-                         train_cfg.warmup_start_lr, train_cfg.min_lr)
+  schedule = schedule_for(train_cfg, total_steps, steps_per_epoch)
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
