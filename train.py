@@ -44,8 +44,11 @@ def main(argv):
   from uniformerv2_jax.training.config_check import ConfigError
   config = FLAGS.config
   if FLAGS.aot_topology:
-    # compile-only: keep the default backend on CPU and skip libtpu's single-user lockfile
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # compile-only: keep the default backend on CPU (jax is imported by now: its config, not
+    # JAX_PLATFORMS, decides) and skip libtpu's single-user lockfile
+    import jax
+    if not os.environ.get("JAX_PLATFORMS"):
+      jax.config.update("jax_platforms", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from uniformerv2_jax.training import aot
     try:

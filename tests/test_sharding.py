@@ -29,6 +29,26 @@ def test_model_axis_that_spans_hosts_is_laid_out_host_major():
   assert model_axis_within_hosts(fine, devices) is fine  # already within hosts: untouched
 
 
+@dataclasses.dataclass(frozen=True)
+class SliceDevice:  # a multislice job's device, as mesh_utils reads it (CPU: no torus)
+  id: int
+  process_index: int
+  slice_index: int
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+
+
+def test_slices_are_stacked_along_data_only():
+  """Two slices of 4 devices, listed interleaved: fsdp and model rows stay in one slice (their
+  collectives ride the slice's own network) and the data axis holds one slice per half."""
+  from uniformerv2_jax.sharding import device_grid
+  devices = [SliceDevice(i, i // 2, i % 2) for i in range(8)]
+  grid = device_grid([4, 2, 1], devices)
+  assert grid.shape == (4, 2, 1) and sorted(d.id for d in grid.ravel()) == list(range(8))
+  assert [{d.slice_index for d in grid[i].ravel()} for i in range(4)] == [{0}, {0}, {1}, {1}]
+  assert device_grid([3, 1, 1], devices[:3]).shape == (3, 1, 1)  # 2 slices, 3 rows: as given
+
+
 def test_model_axis_larger_than_a_host_is_refused():
   devices = _devices(2, 4)
   grid = np.array(devices, dtype=object).reshape(1, 1, 8)

@@ -383,6 +383,43 @@ def test_inference_flops_match_xla_cost_analysis(name):
   assert 0 <= excess <= 8 / cfg.width, (name, float(cost["flops"]), analytic, excess)
 
 
+@pytest.mark.parametrize("name", ["plain", "lmhra-downsample"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_train_flops_bound_the_traced_gradient_matmuls(name, frozen, monkeypatch):
+  """train_flops_per_clip (the training log's MFU) against the multiply-adds autodiff traces
+  for the gradient of the trainable parameters: at most the analytic count, which includes
+  input gradients autodiff prunes (the patch embedding's; with a frozen backbone, the global
+  blocks' inputs) and at least 95% of it (the Local MHRA's depthwise taps are elementwise,
+  not traced as matmuls). A frozen backbone runs forward only: 1.3 forwards here, not 3."""
+  import dataclasses
+
+  from uniformerv2_jax import layers
+  from uniformerv2_jax.flops import train_flops_per_clip
+  from uniformerv2_jax.training.optim import merge_trainable, trainable
+  monkeypatch.setattr(layers, "DEPTHWISE_IMPL", "conv")
+  cfg = dataclasses.replace(_flops_model(name), frozen=frozen)
+  f, weights, video = _forward(cfg)
+  grad = jax.grad(lambda tw, w, x: f(merge_trainable(w, tw), x).sum())
+  traced = _matmul_macs(jax.make_jaxpr(grad)(trainable(weights, frozen), weights, video).jaxpr)
+  analytic = N_CLIPS * train_flops_per_clip(cfg) / 2
+  assert 0.95 * analytic <= traced <= analytic, (traced / analytic)
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("TPU v5", 459e12),  # a v5p chip: the device_kind of libtpu's v5p:4x4x4 topology
+    ("TPU v5 lite", 197e12),  # v5e: not a v5p
+    ("TPU v4", 275e12),
+    ("NVIDIA H100 80GB HBM3", 797e12),  # the lent H100's name; its measured bf16 matmul peak
+    ("cpu", None)])
+def test_device_peaks_follow_jax_device_kinds(kind, peak):
+  """MFU and the TPU compilation's step times divide by these: a v5p chip, whose kind does
+  not say "v5p", had none (and the training log had another H100 peak than the benchmark)."""
+  import types
+
+  from uniformerv2_jax.flops import device_peak_flops
+  assert device_peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+
+
 def test_grad_accumulation_on_a_mesh(accum_runs):
   """accum=4 on 4 simulated devices (parameters and moments sharded over fsdp, each microbatch
   of 4 clips split over data x fsdp) is still the 1-device step of the 16-clip batch.
@@ -455,17 +492,3 @@ if __name__ == "__main__":  # accum_runs' subprocess: 4 CPU devices
                                           for m in per_step]),
            **{"state/" + k: v for k, v in final.items()})
 
-
-@pytest.mark.parametrize("kind,peak", [
-    ("TPU v5", 459e12),  # a v5p chip: the device_kind of libtpu's v5p:4x4x4 topology
-    ("TPU v5 lite", 197e12),  # v5e: not a v5p
-    ("TPU v4", 275e12),
-    ("NVIDIA H100 80GB HBM3", 797e12),  # the lent H100's name; its measured bf16 matmul peak
-    ("cpu", None)])
-def test_device_peaks_follow_jax_device_kinds(kind, peak):
-  """MFU and the TPU compilation's step times divide by these: a v5p chip, whose kind does
-  not say "v5p", had none (and the training log had another H100 peak than the benchmark)."""
-  import types
-
-  from uniformerv2_jax.flops import device_peak_flops
-  assert device_peak_flops(types.SimpleNamespace(device_kind=kind)) == peak

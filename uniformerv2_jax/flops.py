@@ -12,8 +12,8 @@ import jax
 from uniformerv2_jax.config import ModelConfig
 
 
-def forward_macs(cfg: ModelConfig) -> float:
-  """Multiply-adds of one forward pass on one clip."""
+def backbone_macs(cfg: ModelConfig) -> float:
+  """Multiply-adds of the CLIP backbone (Local MHRA included) on one clip."""
   c, t, hw = cfg.width, cfg.frames, cfg.grid ** 2
   s = hw + 1
   kt = cfg.kernel_size if cfg.temporal_downsample else 1
@@ -22,17 +22,26 @@ def forward_macs(cfg: ModelConfig) -> float:
   if not cfg.no_lmhra:
     r = cfg.lmhra_width
     block += (2 if cfg.double_lmhra else 1) * hw * (c * r + 3 * r + r * c)
-  macs += cfg.layers * t * block
+  return float(macs + cfg.layers * t * block)
+
+
+def forward_macs(cfg: ModelConfig) -> float:
+  """Multiply-adds of one forward pass on one clip."""
+  c, t, hw = cfg.width, cfg.frames, cfg.grid ** 2
+  s = hw + 1
   glob = (t * hw * c * 27                        # DPE
           + c * c + t * s * c * 2 * c            # q and kv projections
           + 2 * t * s * c + c * c                # attention + output projection
           + 2 * c * cfg.mlp_width)               # MLP
-  macs += cfg.n_layers * glob + c * cfg.num_classes
-  return float(macs)
+  return backbone_macs(cfg) + float(cfg.n_layers * glob + c * cfg.num_classes)
 
 
 def train_flops_per_clip(cfg: ModelConfig) -> float:
-  """FLOPs of a training step per clip: forward + backward = 3 forwards, 2 FLOPs a MAC."""
+  """FLOPs of a training step per clip: forward + backward = 3 forwards, 2 FLOPs a MAC. A
+  frozen backbone runs its forward only: nothing before it trains, so no gradient flows
+  into it (the global blocks and the head: 3 forwards)."""
+  if cfg.frozen:
+    return 2 * backbone_macs(cfg) + 3 * 2 * (forward_macs(cfg) - backbone_macs(cfg))
   return 3 * 2 * forward_macs(cfg)
 
 

@@ -47,11 +47,26 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"found {len(devices)}")
-  try:
-    grid = mesh_utils.create_device_mesh(sizes, devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(model_axis_within_hosts(grid, devices), MESH_AXES)
+  return Mesh(model_axis_within_hosts(device_grid(sizes, devices), devices), MESH_AXES)
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence) -> np.ndarray:
+  """The devices laid out as the mesh: within a slice along its physical torus (splitting a
+  physical axis where no other layout fits); several slices (multislice) stacked along
+  `data`, so that only its gradient all-reduce crosses the slower data-centre network; in the
+  given order where JAX knows no layout (CPU, or a data axis the slices do not divide)."""
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  for split in (False, True):
+    try:
+      if slices > 1:
+        return mesh_utils.create_hybrid_device_mesh(
+            [sizes[0] // slices, *sizes[1:]], [slices] + [1] * (len(sizes) - 1), devices,
+            allow_split_physical_axes=split)
+      return mesh_utils.create_device_mesh(sizes, devices=devices,
+                                           allow_split_physical_axes=split)
+    except (ValueError, NotImplementedError, AssertionError):
+      continue
+  return np.asarray(devices, dtype=object).reshape(sizes)
 
 
 def model_axis_within_hosts(grid: np.ndarray, devices: Sequence) -> np.ndarray:

@@ -21,10 +21,16 @@ from uniformerv2_jax.training.state import abstract_state, state_shapes
 from uniformerv2_jax.training.step import setup_training
 
 
+# Generations whose chips hold two TensorCores that JAX runs as one device (megacore), as on
+# a real slice; libtpu's description of a v4 slice otherwise makes each TensorCore a device.
+MEGACORE = ("v4", "v5p")
+
+
 def topology_devices(topology: str):
   from jax.experimental import topologies
+  kwargs = {"chip_config_name": "megacore"} if topology.split(":")[0] in MEGACORE else {}
   try:
-    return topologies.get_topology_desc(topology, "tpu").devices
+    return topologies.get_topology_desc(topology, "tpu", **kwargs).devices
   except Exception as e:  # noqa: BLE001
     raise config_check.ConfigError(
         f"--aot_topology={topology}: cannot describe this TPU topology ({type(e).__name__}: {e}). "
@@ -46,6 +52,8 @@ def compile_for_topology(config, topology: str) -> dict:
   with config.unlocked():
     config.dataset.name = "fake"  # no data is read: shapes only
     config.init_from = None  # nor weights
+    if config.model.attention in (None, "auto"):
+      config.model.attention = "xla"  # what "auto" picks on a TPU (not on this host's device)
   cfg = config_check.check(config, n_devices=len(devices), n_processes=hosts)
   mesh = shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES}, devices)
   tc = config.train
@@ -91,7 +99,7 @@ def compile_for_topology(config, topology: str) -> dict:
   peak = device_peak_flops(devices[0])  # per chip
   chips = _chips(topology)
   if peak and chips and chips < len(devices):
-    peak *= chips / len(devices)  # e.g. v4 without megacore: each TensorCore is a device
+    peak *= chips / len(devices)  # each TensorCore a device (a generation not in MEGACORE)
   if peak:
     out["ideal_step_ms"] = analytic / peak * 1e3  # at 100% MFU: divide by the MFU you expect
   if cost:

@@ -205,9 +205,12 @@ def _override_problem(e: BaseException, argv) -> str:
             "no recipe; give one, e.g. configs/k400_b16.py or configs/demo.py")
   named = [a.split("=")[0] for a in argv
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+  from configs.common import get_base_config
+  valid = {f"--config.{p}" for p in _leaf_paths(get_base_config())}
+  named = [o for o in named if o not in valid] or named  # not the ones that name a field
   where = " or ".join(named) if named else f"--config={files[0] if files else '?'} (the file)"
-  if not hint and named:
-    hint = _field_hint(named[0].removeprefix("--config."), key)
+  for override in named if not hint else ():
+    hint = hint or _field_hint(override.removeprefix("--config."), key, argv)
   return f"{where}: the config has no field {key!r}.{hint}".rstrip()
 
 
@@ -220,12 +223,13 @@ def _leaf_paths(config, prefix="") -> list[str]:
   return out
 
 
-def _field_hint(path: str, key: str) -> str:
+def _field_hint(path: str, key: str, argv) -> str:
   """' Did you mean --config.train.seed?' for --config.seed: the schema's fields that end
   with the override's path from its unknown part on (ml_collections only suggests names
-  spelled alike at the same level)."""
+  spelled alike at the same level), but for those the command line already sets."""
   from configs.common import get_base_config
-  parts = path.split(".")
-  rest = ".".join(parts[parts.index(key):])
-  found = [p for p in _leaf_paths(get_base_config()) if p == rest or p.endswith("." + rest)]
+  parts, given = path.split("."), {a.split("=")[0] for a in argv}
+  rests = {".".join(parts[i:]) for i, p in enumerate(parts) if p == key}
+  found = [p for p in _leaf_paths(get_base_config()) if f"--config.{p}" not in given and any(
+      p == rest or p.endswith("." + rest) for rest in rests)]
   return f" Did you mean {' or '.join('--config.' + p for p in found)}?" if found else ""

@@ -14,7 +14,7 @@ from flax import nnx
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax import storage
 from uniformerv2_jax.distributed import process_0_floats
-from uniformerv2_jax.flops import device_peak_flops
+from uniformerv2_jax.flops import device_peak_flops, train_flops_per_clip
 from uniformerv2_jax.training import config_check, data_io, optim
 from uniformerv2_jax.training.config_check import build_model_config
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
@@ -46,16 +46,6 @@ def init_weights(config, cfg, mesh):
   model = checkpoint.load_pretrained(config.init_from, mesh=mesh, head_map=config.head_map,
                                      **overrides)
   return nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
-
-
-def flops_per_step(lowered) -> float | None:
-  try:
-    cost = lowered.cost_analysis()
-  except Exception:  # noqa: BLE001  (not every backend implements it)
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 class Writer:
@@ -142,10 +132,15 @@ def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
 
 
 def _optimizer_note(saved: dict | None, train_cfg, step: int, steps_per_epoch: int):
-  """A note when a resumed run's optimiser settings differ from the checkpoint's."""
+  """A note when a resumed run's optimiser settings differ from the checkpoint's (a checkpoint
+  from before they were saved gets none). The update after `step` is the first to use them."""
   now = optim.settings(train_cfg)
-  changed = [f"{k} {saved[k]:g} -> {now[k]:g}" for k in now
-             if saved and k in saved and saved[k] != now[k]]
+  saved = {k: v for k, v in (saved or {}).items() if k in now}
+
+  def shown(k):
+    a, b = f"{saved[k]:g}", f"{now[k]:g}"
+    return f"{k} {a} -> {b}" if a != b else f"{k} {saved[k]!r} -> {now[k]!r}"
+  changed = [shown(k) for k in now if k in saved and saved[k] != now[k]]
   if not changed:
     return None
 
@@ -153,8 +148,8 @@ def _optimizer_note(saved: dict | None, train_cfg, step: int, steps_per_epoch: i
     total_steps = round(s["epochs"] * steps_per_epoch)
     return float(optim.schedule_for(s, total_steps, steps_per_epoch)(step))
   return (f"note: the checkpoint was trained with other config.train settings "
-          f"({'; '.join(changed)}); the new ones apply from step {step} on (learning rate "
-          f"{lr(saved):.3g} -> {lr(now):.3g})")
+          f"({'; '.join(changed)}); the new ones apply from step {step + 1} on (its learning "
+          f"rate {lr(dict(now, **saved)):.3g} -> {lr(now):.3g})")
 
 
 def _diverged(m, step: int, vouched, ckpt, workdir: str) -> "TrainingDiverged":
@@ -220,7 +215,7 @@ def train_and_evaluate(config, workdir: str,
     best_step = meta.get("best_step")
     log(f"Resumed from {ckpt.directory} step {latest}")
     note = _optimizer_note(meta.get("optimizer"), tc, latest, steps_per_epoch)
-    if note:
+    if note and latest < total_steps:  # else nothing trains, and the run says so below
       log(note)
   else:
     state, _ = create_train_state(mdef, tx, mesh, seed=tc.seed, frozen=cfg.frozen,
@@ -252,8 +247,10 @@ def train_and_evaluate(config, workdir: str,
     log(f"The checkpoint in {workdir} (step {start}) is past this config's {total_steps} "
         "steps: nothing to train.")
   train_iter = data_io.train_batches(config, builder, per_host, start)
+  # MFU: analytic FLOPs (as the benchmark; XLA's cost analysis is unavailable on GPU and TPU
+  # backends, and counts a scanned block once) over the device's peak
   peak = device_peak_flops(jax.devices()[0])
-  flops, step_flops_known = None, False
+  flops = train_flops_per_clip(cfg) * tc.global_batch_size
   # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss. A finite
   # loss at a check vouches for every step saved before it (saves follow the check); the one
   # resumed from gave none yet (its run may have stopped right after saving it).
@@ -268,9 +265,6 @@ def train_and_evaluate(config, workdir: str,
     host_batch = next(train_iter)
     waited += time.time() - t_in
     batch = data_io.to_global(host_batch, mesh)
-    if not step_flops_known:
-      flops = flops_per_step(p_train.lower(state, batch)) if peak else None
-      step_flops_known = True
     state, metrics = p_train(state, batch)
     step += 1
     if step == start + 1:  # compilation is not a step time
@@ -296,7 +290,7 @@ def train_and_evaluate(config, workdir: str,
         input_share = (waited - waited_at_tick) / max(now - tick, 1e-9)
         tick, tick_step, waited_at_tick = now, step, waited
         line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
-        if flops and peak:
+        if peak:
           line += f" MFU {flops / dt / (peak * jax.device_count()):.1%}"
         line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
         scalars["perf/clips_per_s"] = tc.global_batch_size / dt
