@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -414,10 +415,25 @@ def test_train_flops_bound_the_traced_gradient_matmuls(name, frozen, monkeypatch
 def test_device_peaks_follow_jax_device_kinds(kind, peak):
   """MFU and the TPU compilation's step times divide by these: a v5p chip, whose kind does
   not say "v5p", had none (and the training log had another H100 peak than the benchmark)."""
-  import types
-
   from uniformerv2_jax.flops import device_peak_flops
   assert device_peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+
+
+@pytest.mark.parametrize("topology,chip_config", [
+    ("v4:4x4x4", "megacore"), ("v5p:4x4x4", "megacore"), ("v5e:4x4", None)])
+def test_tpu_compilation_describes_chips_as_a_real_slice_runs_them(topology, chip_config,
+                                                                    monkeypatch):
+  """libtpu's default v4 description makes each TensorCore a device (128 of 15.25 GiB for
+  v4:4x4x4, measured with libtpu 0.0.42.1); a v4 job runs one megacore device a chip (64 of
+  30.75 GiB). libtpu is not installed here: what the tool asks of it is what is checked."""
+  from jax.experimental import topologies
+
+  from uniformerv2_jax.training import aot
+  asked = []
+  monkeypatch.setattr(topologies, "get_topology_desc", lambda name, platform, **kw: asked.append(
+      (name, platform, kw)) or types.SimpleNamespace(devices=["device"]))
+  assert aot.topology_devices(topology) == ["device"]
+  assert asked == [(topology, "tpu", {"chip_config_name": chip_config} if chip_config else {})]
 
 
 def test_grad_accumulation_on_a_mesh(accum_runs):

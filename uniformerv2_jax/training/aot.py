@@ -112,7 +112,8 @@ def compile_for_topology(config, topology: str) -> dict:
   if mem is not None:
     print(f"  per-chip memory: {out['total_gib']:.2f} GiB (arguments {out['argument_gib']:.2f}, "
           f"outputs {out['output_gib']:.2f}, temporaries {out['temp_gib']:.2f}, aliased "
-          f"{out['alias_gib']:.2f}, code {out['code_gib']:.3f})")
+          f"{out['alias_gib']:.2f}, code {out['code_gib']:.3f}); the chip's HBM must hold "
+          "it all (libtpu refuses a step only when the temporaries alone exceed it)")
   if cost:
     print(f"  XLA estimate per chip: {out['flops_per_chip'] / 1e12:.1f} TFLOP per step"
           + (f", step time {out['optimal_seconds'] * 1e3:.0f} ms"
