@@ -291,7 +291,8 @@ def train_and_evaluate(config, workdir: str,
         tick, tick_step, waited_at_tick = now, step, waited
         line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
         if peak:
-          line += f" MFU {flops / dt / (peak * jax.device_count()):.1%}"
+          scalars["perf/mfu"] = flops / dt / (peak * jax.device_count())
+          line += f" MFU {scalars['perf/mfu']:.1%}"
         line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
         scalars["perf/clips_per_s"] = tc.global_batch_size / dt
         scalars["perf/input_wait_fraction"] = input_share
