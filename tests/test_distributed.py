@@ -195,9 +195,11 @@ def test_two_srun_tasks_find_each_other_by_themselves(tmp_path):
   # only srun's variables: none of a cluster this test may itself run in
   env = {k: v for k, v in os.environ.items() if not k.startswith(
       ("SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR", "CLOUD_TPU", "OMPI_"))}
+  logs = [tmp_path / f"task{i}.log" for i in range(2)]  # files: a full pipe cannot stall them
+  files = [open(log, "w") for log in logs]
   procs = [subprocess.Popen(
-      [sys.executable, "-c", SRUN_TASK], cwd=tmp_path, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True,
+      [sys.executable, "-c", SRUN_TASK], cwd=tmp_path, stdout=files[i],
+      stderr=subprocess.STDOUT,
       env=dict(env, PYTHONPATH=root, JAX_PLATFORMS="cpu", SLURM_JOB_ID=str(job),
                SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NTASKS="2",
                SLURM_PROCID=str(i), SLURM_LOCALID=str(i))) for i in range(2)]
@@ -207,8 +209,10 @@ def test_two_srun_tasks_find_each_other_by_themselves(tmp_path):
   except subprocess.TimeoutExpired:
     pass
   finally:
-    for p in procs:
+    for p, f in zip(procs, files):
       p.kill()
-  outs = [p.communicate()[0] for p in procs]  # both, whichever hung
+      p.wait()
+      f.close()
+  outs = [log.read_text() for log in logs]  # both, whichever hung
   for i, out in enumerate(outs):
     assert f"process {i} of 2 saw [0, 1]" in out, out[-2000:]

@@ -46,7 +46,8 @@ def test_slices_are_stacked_along_data_only():
   grid = device_grid([4, 2, 1], devices)
   assert grid.shape == (4, 2, 1) and sorted(d.id for d in grid.ravel()) == list(range(8))
   assert [{d.slice_index for d in grid[i].ravel()} for i in range(4)] == [{0}, {0}, {1}, {1}]
-  assert device_grid([3, 1, 1], devices[:3]).shape == (3, 1, 1)  # 2 slices, 3 rows: as given
+  as_given = device_grid([3, 1, 1], devices[:3])  # 2 slices do not divide 3 rows
+  assert [d.id for d in as_given.ravel()] == [0, 1, 2] and as_given.shape == (3, 1, 1)
 
 
 def test_model_axis_larger_than_a_host_is_refused():

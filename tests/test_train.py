@@ -500,6 +500,7 @@ def test_resume_with_other_optimiser_settings_says_what_changes(runs, tmp_path, 
   import re
   import shutil
 
+  import jax
   from train_helper import tiny_config
   from uniformerv2_jax.flops import train_flops_per_clip
   from uniformerv2_jax.training import loop
@@ -525,7 +526,8 @@ def test_resume_with_other_optimiser_settings_says_what_changes(runs, tmp_path, 
   assert "step 5/6 epoch 1.25 loss" in out and f" lr {float(now):.3g}" in out.split("step 5/6")[1]
   line = next(line for line in out.splitlines() if line.startswith("step 6/6"))
   clips, mfu = re.search(r"\| ([\d.]+) clips/s \d+ ms/step MFU ([\d.]+)%", line).groups()
-  expected = float(clips) * train_flops_per_clip(build_model_config(config)) / peak
+  expected = (float(clips) * train_flops_per_clip(build_model_config(config))
+              / (peak * jax.device_count()))
   assert abs(float(mfu) / 100 - expected) <= 0.0005 + 0.05 * expected / float(clips), line
   # finished: another rate changes nothing, so no note; the run says it is complete
   train_and_evaluate(tiny_config({"train.eps": 1e-3, "train.epochs": 1.5}), str(run))
