@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from uniformerv2_jax import sharding as shd
 from uniformerv2_jax.flops import device_peak_flops, train_flops_per_clip
-from uniformerv2_jax.training import config_check
+from uniformerv2_jax.training import config_check, optim
 from uniformerv2_jax.training.state import abstract_state, state_shapes
 from uniformerv2_jax.training.step import setup_training
 
@@ -58,7 +58,8 @@ def compile_for_topology(config, topology: str) -> dict:
   mesh = shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES}, devices)
   tc = config.train
   steps_per_epoch = tc.steps_per_epoch or 1000
-  setup = setup_training(config, cfg, mesh, int(tc.epochs * steps_per_epoch), steps_per_epoch)
+  setup = setup_training(config, cfg, mesh, optim.total_steps(tc, steps_per_epoch),
+                         steps_per_epoch)
   state = abstract_state(state_shapes(setup.mdef, setup.tx, cfg.frozen), setup.shardings)
   b, t, s = tc.global_batch_size, config.input.clip_len, config.input.crop_size
   batch = {"video": jax.ShapeDtypeStruct((b, t, s, s, 3), jnp.uint8,

@@ -206,11 +206,11 @@ def _override_problem(e: BaseException, argv) -> str:
   named = [a.split("=")[0] for a in argv
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
   from configs.common import get_base_config
-  valid = {f"--config.{p}" for p in _leaf_paths(get_base_config())}
-  named = [o for o in named if o not in valid] or named  # not the ones that name a field
+  fields = _leaf_paths(get_base_config())
+  named = [o for o in named if o.removeprefix("--config.") not in fields] or named  # the bad ones
   where = " or ".join(named) if named else f"--config={files[0] if files else '?'} (the file)"
   for override in named if not hint else ():
-    hint = hint or _field_hint(override.removeprefix("--config."), key, argv)
+    hint = hint or _field_hint(override.removeprefix("--config."), key, argv, fields)
   return f"{where}: the config has no field {key!r}.{hint}".rstrip()
 
 
@@ -223,13 +223,12 @@ def _leaf_paths(config, prefix="") -> list[str]:
   return out
 
 
-def _field_hint(path: str, key: str, argv) -> str:
-  """' Did you mean --config.train.seed?' for --config.seed: the schema's fields that end
+def _field_hint(path: str, key: str, argv, fields: list[str]) -> str:
+  """' Did you mean --config.train.seed?' for --config.seed: the schema's `fields` that end
   with the override's path from its unknown part on (ml_collections only suggests names
   spelled alike at the same level), but for those the command line already sets."""
-  from configs.common import get_base_config
   parts, given = path.split("."), {a.split("=")[0] for a in argv}
   rests = {".".join(parts[i:]) for i, p in enumerate(parts) if p == key}
-  found = [p for p in _leaf_paths(get_base_config()) if f"--config.{p}" not in given and any(
+  found = [p for p in fields if f"--config.{p}" not in given and any(
       p == rest or p.endswith("." + rest) for rest in rests)]
   return f" Did you mean {' or '.join('--config.' + p for p in found)}?" if found else ""

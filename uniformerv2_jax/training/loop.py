@@ -145,8 +145,8 @@ def _optimizer_note(saved: dict | None, train_cfg, step: int, steps_per_epoch: i
     return None
 
   def lr(s):
-    total_steps = round(s["epochs"] * steps_per_epoch)
-    return float(optim.schedule_for(s, total_steps, steps_per_epoch)(step))
+    return float(optim.schedule_for(s, optim.total_steps(s, steps_per_epoch),
+                                    steps_per_epoch)(step))
   return (f"note: the checkpoint was trained with other config.train settings "
           f"({'; '.join(changed)}); the new ones apply from step {step + 1} on (its learning "
           f"rate {lr(dict(now, **saved)):.3g} -> {lr(now):.3g})")
@@ -195,7 +195,7 @@ def train_and_evaluate(config, workdir: str,
     log(note)
   per_host = tc.global_batch_size // pc
   steps_per_epoch = tc.steps_per_epoch or data_io.steps_per_epoch(config, builder, per_host)
-  total_steps = int(round(tc.epochs * steps_per_epoch))
+  total_steps = optim.total_steps(tc, steps_per_epoch)
   eval_per_host = (tc.eval_batch_size or tc.global_batch_size) // pc
   eval_every = max(int(round(tc.eval_every_epochs * steps_per_epoch)), 1)
 

@@ -60,6 +60,11 @@ def settings(train_cfg) -> dict:
   return {k: float(train_cfg[k]) for k in SETTINGS}
 
 
+def total_steps(train_cfg, steps_per_epoch: int) -> int:
+  """The run's length in steps: `epochs` of `config.train` (or of its `settings`)."""
+  return int(round(train_cfg["epochs"] * steps_per_epoch))
+
+
 def schedule_for(train_cfg, total_steps: int, steps_per_epoch: int):
   """The learning-rate schedule of `config.train` (or of its `settings`)."""
   c = train_cfg
