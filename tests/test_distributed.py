@@ -39,6 +39,45 @@ def test_cluster_detection(environ, on_tpu_vm, expected, calls):
   assert calls == ([] if expected is None else [{}])
 
 
+GRES8 = {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_GPUS_ON_NODE": "8"}
+
+
+@pytest.mark.parametrize("step, expected", [
+    # one task per GPU, each seeing the node's 8: JAX's own choice (the GPU of SLURM_LOCALID)
+    (dict(GRES8, SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_LOCALID="3"), [3]),
+    # one task per node: all 8, not GPU 0 alone
+    (dict(GRES8, SLURM_STEP_TASKS_PER_NODE="1(x4)", SLURM_LOCALID="0"), list(range(8))),
+    # two tasks per node: four each, in SLURM_LOCALID's order
+    (dict(GRES8, SLURM_STEP_TASKS_PER_NODE="2", SLURM_LOCALID="1"), [4, 5, 6, 7]),
+    # srun bound each task to its GPU (--gpus-per-task=1): it sees one, as its GPU 0
+    ({"CUDA_VISIBLE_DEVICES": "5", "SLURM_GPUS_PER_TASK": "1", "SLURM_GPUS_ON_NODE": "8",
+      "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_LOCALID": "5"}, [0]),
+    # bound to two each (--gpus-per-task=h100:2, 2 tasks per node): both of its own
+    ({"CUDA_VISIBLE_DEVICES": "2,3", "SLURM_GPUS_PER_TASK": "h100:2",
+      "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_LOCALID": "1"}, [0, 1]),
+    ({"CUDA_VISIBLE_DEVICES": "2,3", "SLURM_GPUS_ON_NODE": "4",   # bound by --gpu-bind
+      "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_LOCALID": "1"}, [0, 1]),
+    # no GPU (a CPU cluster), uneven tasks per node: JAX decides
+    ({"CUDA_VISIBLE_DEVICES": "", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_LOCALID": "0"}, None),
+    (dict(GRES8, SLURM_STEP_TASKS_PER_NODE="2(x3),1", SLURM_LOCALID="0"), None),
+])
+def test_each_srun_task_drives_its_own_gpus(step, expected, calls):
+  assert distributed.slurm_local_device_ids(step) == expected
+  distributed.maybe_initialize(NO_FLAGS, dict(SRUN, **step), False)
+  assert calls == [{} if expected is None else {"local_device_ids": expected}]
+  calls.clear()  # JAX_LOCAL_DEVICE_IDS, JAX's own override, wins
+  distributed.maybe_initialize(NO_FLAGS, dict(SRUN, **step, JAX_LOCAL_DEVICE_IDS="0"), False)
+  assert calls == [{}]
+
+
+def test_gpus_that_do_not_divide_among_the_tasks_are_one_message(calls):
+  step = dict(SRUN, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", SLURM_STEP_TASKS_PER_NODE="3")
+  with pytest.raises(distributed.DistributedError,
+                     match=r"srun started 3 tasks per node and each sees 8 GPUs"):
+    distributed.maybe_initialize(NO_FLAGS, step, False)
+  assert calls == []
+
+
 def test_flags_and_coordinator_variable_win(calls):
   values = types.SimpleNamespace(coordinator_address="h:1234", num_processes=2, process_id=1,
                                  cpu_collectives=None)

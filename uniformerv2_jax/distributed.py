@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 
 from absl import flags
 
@@ -94,6 +95,52 @@ def cluster(environ=None, on_tpu_vm=None) -> str | None:
   return None
 
 
+def _tasks_per_node(env) -> int | None:
+  """Tasks of this srun step on each node, when every node runs the same number (srun's
+  compressed form, e.g. "8(x2)"); None when they differ or srun did not say."""
+  counts = set()
+  for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+    match = re.fullmatch(r"(\d+)(?:\(x\d+\))?", part.strip())
+    if match is None:
+      return None
+    counts.add(int(match.group(1)))
+  return counts.pop() if len(counts) == 1 else None
+
+
+def _visible_gpus(env) -> int | None:
+  """GPUs this process may use: CUDA_VISIBLE_DEVICES's entries (what SLURM's gres sets), else
+  the node's NVIDIA device nodes; None when it has none."""
+  listed = env.get("CUDA_VISIBLE_DEVICES")
+  if listed is not None:
+    count = len([d for d in listed.split(",") if d.strip()])
+  else:
+    count = len([d for d in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", d)])
+  return count or None
+
+
+def slurm_local_device_ids(env) -> list[int] | None:
+  """The GPUs (indices among those the task sees) this srun task drives, or None to leave the
+  choice to JAX. JAX alone gives each task the one GPU of its SLURM_LOCALID: right for one
+  task per GPU, but one task per node would drive one GPU of eight, and a task that srun bound
+  to its own GPU (--gpus-per-task, --gpu-bind) sees one GPU 0, not GPU SLURM_LOCALID."""
+  gpus, tasks = _visible_gpus(env), _tasks_per_node(env)
+  if gpus is None or tasks is None or "SLURM_LOCALID" not in env:
+    return None
+  per_task = env.get("SLURM_GPUS_PER_TASK", "").rpartition(":")[2]  # "2" or "h100:2"
+  on_node = env.get("SLURM_GPUS_ON_NODE", "")
+  bound = ((per_task.isdigit() and int(per_task) == gpus) or gpus < tasks
+           or (on_node.isdigit() and gpus < int(on_node)))  # the task sees only its own
+  if tasks == 1 or bound:
+    return list(range(gpus))
+  if gpus % tasks:
+    raise DistributedError(
+        f"srun started {tasks} tasks per node and each sees {gpus} GPUs, which do not divide "
+        f"among them. Start one task per GPU or one per node (srun --ntasks-per-node), or bind "
+        f"GPUs to tasks (srun --gpus-per-task)")
+  first = int(env["SLURM_LOCALID"]) * (gpus // tasks)
+  return list(range(first, first + gpus // tasks))
+
+
 def maybe_initialize(values=None, environ=None, on_tpu_vm=None) -> None:
   """jax.distributed.initialize() from explicit flags or JAX_COORDINATOR_ADDRESS, or auto-detected
   on Cloud TPU and in a multi-task SLURM step; nothing for a single process."""
@@ -107,10 +154,14 @@ def maybe_initialize(values=None, environ=None, on_tpu_vm=None) -> None:
   where = "the given coordinator" if explicit else cluster(env, on_tpu_vm)
   if where is None:
     return
+  own_ids = where == "SLURM" and "JAX_LOCAL_DEVICE_IDS" not in env
+  local_device_ids = slurm_local_device_ids(env) if own_ids else None
   try:
     if explicit:
       jax.distributed.initialize(coordinator_address=values.coordinator_address,
                                  num_processes=values.num_processes, process_id=values.process_id)
+    elif local_device_ids is not None:  # JAX's own detection, with the GPUs of this task
+      jax.distributed.initialize(local_device_ids=local_device_ids)
     else:
       jax.distributed.initialize()  # JAX's own cluster detection
   except (ValueError, RuntimeError) as e:
