@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from convert.io import (ConversionError, check_input_file, load_torch_file, tensor_dict,
-                        torch_module)
+from convert.io import (ConversionError, check_input_file, load_torch_file, short_message,
+                        tensor_dict, torch_module)
 from uniformerv2_jax import storage
 
 Log = Callable[[str], None]
@@ -81,16 +81,18 @@ def convert_clip_file(input_path: str, model: str, output: str, *, sets: Mapping
                       trust_pickle: bool = False, overwrite: bool = False,
                       log: Log = print) -> str:
   """A CLIP checkpoint -> an initial UniFormerV2 model directory (see convert/clip.py)."""
-  from uniformerv2_jax.checkpoint import save_pretrained
+  from uniformerv2_jax.checkpoint import check_class_names, save_pretrained
 
   from convert import clip, infer
   check_input_file(input_path)
-  _check_output(output, overwrite)
+  infer.check_model_spec(model, sets)
+  _check_output(output, overwrite, log)
   tensors = tensor_dict(load_torch_file(input_path, trust_pickle), input_path)
   tower = clip.image_tower(tensors, input_path)
   facts = infer.infer_backbone(tower)
   cfg = infer.resolve_config(model, dict(sets), facts, input_path, skip=("input_resolution",))
   cfg = cfg.replace(scan_layers=False, dtype="float32", param_dtype="float32")
+  check_class_names(class_names, cfg.num_classes)  # before the work, not after it
   log(f"{input_path}: CLIP image tower, width {cfg.width}, {cfg.layers} layers, patch "
       f"{cfg.patch_size}; initialising the rest with seed {seed}")
   tree = clip.convert_clip(tower, cfg, lambda paths: fresh_weights(cfg, seed, paths),
@@ -108,13 +110,14 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
                              log: Log = print) -> str:
   """An upstream UniFormerV2 checkpoint (original or mmaction2 layout) -> model directory."""
   from uniformerv2_jax import heads
-  from uniformerv2_jax.checkpoint import save_pretrained
+  from uniformerv2_jax.checkpoint import check_class_names, save_pretrained
   from uniformerv2_jax.torch_layout import canonical_state_dict
   from uniformerv2_jax.weights import torch_tensors_to_tree
 
   from convert import infer
   check_input_file(input_path)
-  _check_output(output, overwrite)
+  infer.check_model_spec(model, sets)
+  _check_output(output, overwrite, log)
   # Not memory-mapped: every tensor has its own buffer, freed as soon as its JAX-layout
   # copy exists (see _own_leaves), so the peak stays near one copy of the weights.
   tensors = tensor_dict(load_torch_file(input_path, trust_pickle, mmap=False), input_path)
@@ -143,6 +146,7 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
                             f"({len(index_map)} classes)")
   cfg = infer.resolve_config(model, sets, facts, input_path)
   cfg = cfg.replace(scan_layers=False, dtype="float32", param_dtype="float32")
+  check_class_names(class_names, cfg.num_classes if index_map is None else len(index_map))
   log(f"{input_path}: {layout} layout; width {cfg.width}, {cfg.layers} layers, "
       f"{cfg.n_layers} global blocks on {list(cfg.return_list)}, "
       f"{'no' if cfg.no_lmhra else ('double' if cfg.double_lmhra else 'single')} Local MHRA, "
@@ -171,7 +175,7 @@ def checkpoint_to_model_dir(input_dir: str, output: str, *, overwrite: bool = Fa
   """A training checkpoint (WORKDIR or WORKDIR/checkpoints/STEP) -> a model directory."""
   from uniformerv2_jax.checkpoint import load_weights_tree, resolve, save_pretrained
   resolve(input_dir)  # a missing input is named before an existing output
-  _check_output(output, overwrite)
+  _check_output(output, overwrite, log)
   cfg, tree, names = load_weights_tree(input_dir)
   out = save_pretrained(output, tree, names, config=cfg, overwrite=overwrite)
   log(f"wrote {out} ({cfg.layers}-layer width {cfg.width}, {cfg.num_classes} classes"
@@ -231,7 +235,7 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   if storage.is_url(output):
     raise ConversionError(f"--output {output}: PyTorch files are written to a local disk; "
                           "write it there, then copy it (gcloud storage cp FILE URL)")
-  _check_output_file(output, overwrite)
+  _check_output_file(output, overwrite, log)
   cfg, tree, _ = load_weights_tree(input_dir)
   tensors = export_tensors(tree, cfg)
   if not cfg.no_lmhra:  # BatchNorm3d's counter, so that strict loading finds every key
@@ -252,6 +256,9 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
   if flat:
     state = state["model_state" if layout == "original" else "state_dict"]
   output = os.path.abspath(output)
+  no_room = storage.check_free_space(output, sum(int(v.nbytes) for v in tensors.values()))
+  if no_room:
+    raise ConversionError(no_room)
   os.makedirs(os.path.dirname(output), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-",
                              dir=os.path.dirname(output))
@@ -260,15 +267,17 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
     torch.save(state, tmp)
     storage.make_public(tmp, 0o666)
     os.replace(tmp, output)
-  except BaseException:
+  except (RuntimeError, OSError) as e:  # torch's zip writer raises RuntimeError, e.g. disk full
+    raise ConversionError(f"writing {output} failed, nothing was written "
+                          f"({short_message(e)}); is the disk full?") from None
+  finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise
   log(f"wrote {output} ({layout} layout, {len(tensors)} tensors)")
   return output
 
 
-def _check_output(output: str, overwrite: bool) -> None:
+def _check_output(output: str, overwrite: bool, log: Log) -> None:
   """A model directory to write: before any work, the checks save_pretrained makes, and that
   its parent folder can be written."""
   from uniformerv2_jax.checkpoint import CheckpointError, check_output_directory
@@ -278,16 +287,34 @@ def _check_output(output: str, overwrite: bool) -> None:
   except CheckpointError as e:
     raise ConversionError(str(e)) from None
   _check_writable(output)
+  _note_leftovers(output, log)
 
 
-def _check_output_file(output: str, overwrite: bool) -> None:
+def _check_output_file(output: str, overwrite: bool, log: Log) -> None:
   """A PyTorch file to write: never a folder; an existing file only with --overwrite."""
-  if os.path.isdir(output):
+  if os.path.isdir(output) or output.endswith(("/", os.sep)):
     raise ConversionError(f"--output {output} is a folder; give the path of the .pyth/.pth "
                           "file to write")
   if os.path.exists(output) and not overwrite:
     raise ConversionError(f"{output} already exists; choose another --output or pass --overwrite")
   _check_writable(os.path.abspath(output))
+  _note_leftovers(os.path.abspath(output), log)
+
+
+def _note_leftovers(output: str, log: Log) -> None:
+  """Names the temporary copies a killed conversion to the same output left beside it (an
+  interrupted one removes its own): they may be large, and only the user knows that no other
+  conversion is writing them now."""
+  if storage.is_url(output):
+    return
+  folder, name = os.path.split(output)
+  if not os.path.isdir(folder):
+    return
+  left = sorted(e for e in os.listdir(folder)
+                if e.startswith((f".{name}.tmp-", f".{name}.old-")))
+  if left:
+    log(f"note: {', '.join(os.path.join(folder, e) for e in left)}: left by a conversion to "
+        f"{output} that was killed; delete them unless one is running now")
 
 
 def _check_writable(output: str) -> None:

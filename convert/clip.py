@@ -28,6 +28,9 @@ _UNUSED = ("proj", "ln_post.weight", "ln_post.bias")
 def image_tower(tensors: Mapping[str, Any], source: str) -> dict[str, Any]:
   """Canonical CLIP image-tower names (conv1.weight, transformer.resblocks.*, ...)."""
   keys = list(tensors)
+  if any("transformer.dec." in k for k in keys):  # either upstream layout
+    raise ConversionError(f"{source} is a UniFormerV2 model (it has transformer.dec.*); "
+                          "convert it with `python -m convert uniformerv2`")
   if any(k.startswith("visual.") for k in keys):
     out = {k[len("visual."):]: v for k, v in tensors.items() if k.startswith("visual.")}
   elif keys and all(k.startswith("backbone.") for k in keys):
@@ -40,9 +43,6 @@ def image_tower(tensors: Mapping[str, Any], source: str) -> dict[str, Any]:
     raise ConversionError(
         f"{source}: unknown layout, not a CLIP image tower (no conv1.weight / class_embedding "
         f"with or without 'visual.'); first keys: {keys[:8]}")
-  if any(k.startswith("transformer.dec.") for k in out):
-    raise ConversionError(f"{source} is a UniFormerV2 model (it has transformer.dec.*); "
-                          "convert it with `python -m convert uniformerv2`")
   return {k: v for k, v in out.items() if k not in _UNUSED}
 
 

@@ -17,7 +17,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from uniformerv2_jax.config import FIELDS, PRESETS, ModelConfig, model_config
+from uniformerv2_jax.config import FIELDS, PRESETS, ModelConfig, check_fields, model_config
 
 from convert.io import ConversionError
 
@@ -54,6 +54,8 @@ def base_fields(model: str) -> tuple[str | None, dict[str, Any], set[str]]:
   """--model b16|l14|l14_336|CONFIG.json -> (preset, fields, names stated explicitly)."""
   if model in PRESETS:
     return model, {}, set(_PRESET_FACTS)
+  if os.path.isfile(os.path.join(model, "config.json")):
+    model = os.path.join(model, "config.json")  # a model directory: its config
   if not os.path.isfile(model):
     what = ("no such file" if model.endswith(".json") or os.sep in model
             else "neither a preset nor a file")
@@ -72,6 +74,17 @@ def base_fields(model: str) -> tuple[str | None, dict[str, Any], set[str]]:
   fields = {k: v for k, v in data.items() if k != "name"}
   explicit = set(fields) | (set(_PRESET_FACTS) if preset else set())
   return preset, fields, explicit
+
+
+def check_model_spec(model: str, sets: Mapping[str, Any]) -> None:
+  """--model and --set on their own, before the checkpoint is read: unknown fields and values of
+  the wrong kind are named where they were given."""
+  _, fields, _ = base_fields(model)
+  for where, given in ((f"--model {model}", fields), ("--set", dict(sets))):
+    try:
+      check_fields(given)
+    except ValueError as e:
+      raise ConversionError(f"{where}: {e}") from None
 
 
 def _block_ids(tensors, prefix) -> list[int]:

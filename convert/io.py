@@ -74,14 +74,16 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
       raise ConversionError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip "
                             "archive nor its older pickle format): truncated, corrupt or "
                             "another kind of file")
+  if is_zip:
+    _check_checksums(path)
   if is_zip and _is_torchscript(path):
     try:
       return torchscript_tensors(path, torch)
     except ConversionError:
       raise
     except Exception as e:  # noqa: BLE001
-      raise ConversionError(f"{path}: a TorchScript archive that cannot be read "
-                            f"(truncated or corrupt?): {type(e).__name__}: {_short(e)}") from None
+      raise ConversionError(f"{path}: a TorchScript archive that cannot be read (truncated or "
+                            f"corrupt?): {type(e).__name__}: {short_message(e)}") from None
   try:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip and mmap)
   except pickle.UnpicklingError as e:
@@ -97,15 +99,33 @@ def load_torch_file(path: str, trust_pickle: bool = False, mmap: bool = True) ->
         return torch.load(path, map_location="cpu", weights_only=False)
       except Exception as e2:  # noqa: BLE001
         raise ConversionError(f"{path}: cannot be unpickled even with --trust-pickle: "
-                              f"{type(e2).__name__}: {_short(e2)}") from None
-    raise ConversionError(f"{path}: truncated or corrupt PyTorch file: {_short(e)}") from None
+                              f"{type(e2).__name__}: {short_message(e2)}") from None
+    raise ConversionError(f"{path}: truncated or corrupt PyTorch file: "
+                          f"{short_message(e)}") from None
   except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
           IndexError, TypeError) as e:
     if is_zip and "data.pkl" in str(e):
       raise ConversionError(f"{path}: a zip archive but not a PyTorch checkpoint "
-                            f"(no data.pkl): {_short(e)}") from None
+                            f"(no data.pkl): {short_message(e)}") from None
     raise ConversionError(f"{path}: truncated or corrupt PyTorch file (or not a PyTorch "
-                          f"checkpoint): {type(e).__name__}: {_short(e)}") from None
+                          f"checkpoint): {type(e).__name__}: {short_message(e)}") from None
+
+
+def _check_checksums(path: str) -> None:
+  """Every member of a zip-format file against its stored CRC-32, which torch.load does not
+  check: a file damaged in a download or copy is refused instead of read as other weights.
+  A member saved without a checksum (torch's save config compute_crc32=False) is not checked."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      for info in z.infolist():
+        if info.CRC == 0 and info.file_size:
+          continue
+        with z.open(info) as f:  # raises BadZipFile at the end of a member that does not match
+          while f.read(1 << 24):
+            pass
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ConversionError(f"{path}: corrupt PyTorch file ({short_message(e)}): damaged in a "
+                          "download or copy? Download or copy it again") from None
 
 
 _STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "DoubleStorage": "float64",
@@ -188,7 +208,7 @@ def torchscript_tensors(path: str, torch) -> dict[str, Any]:
   return out
 
 
-def _short(e: BaseException, n: int = 300) -> str:
+def short_message(e: BaseException, n: int = 300) -> str:
   s = " ".join(str(e).split())
   return s if len(s) <= n else s[:n] + " ..."
 
@@ -203,8 +223,9 @@ def _unsupported(msg: str) -> str:
 def tensor_dict(obj: Any, path: str) -> dict[str, Any]:
   """The {name: tensor} inside a loaded file (unwrapping model_state/state_dict/model)."""
   import torch
+  from uniformerv2_jax.torch_layout import WRAPPERS
   sd = obj
-  for wrapper in ("model_state", "state_dict", "model", "module"):
+  for wrapper in WRAPPERS:
     if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
       sd = sd[wrapper]
   if not isinstance(sd, Mapping) or not sd:

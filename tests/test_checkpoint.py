@@ -197,6 +197,59 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+def test_overwrite_interrupted_between_the_renames_keeps_the_old_one(tmp_path, monkeypatch):
+  old = save_pretrained(tmp_path / "model", tiny_model())
+  before = weights(load_pretrained(old))
+  real = os.rename
+
+  def rename(src, dst):  # the old directory has moved aside; Ctrl-C before the new one moves in
+    if os.path.basename(src).startswith(".model.tmp-"):
+      raise KeyboardInterrupt
+    real(src, dst)
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(KeyboardInterrupt):
+    save_pretrained(old, tiny_model(width=64, heads=4, n_head=4), overwrite=True)
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["model"]  # the old one back, no temporary folders
+  after = weights(load_pretrained(old))
+  assert after.keys() == before.keys()
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k])
+
+
+def test_a_disk_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+  import shutil
+  needed = sum(v.nbytes for v in weights(tiny_model()).values())
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=needed - 1))
+  with pytest.raises(CheckpointError, match=rf"{tmp_path}/new/model needs about {needed:,} bytes "
+                     rf"and the disk of {tmp_path} has {needed - 1:,} bytes free; free some"):
+    save_pretrained(tmp_path / "new" / "model", tiny_model())
+  assert os.listdir(tmp_path) == []
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=needed))
+  save_pretrained(tmp_path / "new" / "model", tiny_model())  # just fits
+
+
+def test_a_model_directory_copied_in_part_says_what_to_do(saved, tmp_path):
+  import shutil
+  shutil.copytree(saved, tmp_path / "m")
+  shutil.rmtree(tmp_path / "m" / "weights" / "d")  # the array data and its manifest: a copy
+  os.remove(tmp_path / "m" / "weights" / "manifest.ocdbt")  # cut short
+  with pytest.raises(CheckpointError, match=r"/m/weights: unreadable or incomplete weights "
+                     r"\(FileNotFoundError: no array metadata.*\); the model directory is "
+                     r"incomplete or damaged: write it again"):
+    checkpoint.stored_shapes(tmp_path / "m")
+  # From the command line: that one error, and no tracebacks of the reads Orbax abandoned
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "convert", "export", "--input", str(tmp_path / "m"),
+                      "--layout", "original", "--output", str(tmp_path / "m.pyth")],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert [line for line in p.stderr.splitlines() if line.startswith("error: ")] == [
+      f"error: {tmp_path}/m/weights: unreadable or incomplete weights (FileNotFoundError: no "
+      f"array metadata: the Orbax checkpoint is incomplete); {checkpoint.REWRITE}"], p.stderr
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_weights_are_one_message(tmp_path):
   """A model directory with a truncated array file: CheckpointError naming it, both reads.
@@ -217,7 +270,7 @@ def test_damaged_weights_are_one_message(tmp_path):
                                abandoned())
   for read in (lambda: checkpoint.restore_weights(path), lambda: load_pretrained(path)):
     with pytest.raises(CheckpointError, match=r"/m/weights: unreadable or incomplete weights "
-                       r"\(.*\); re-create the model directory"):
+                       r"\(.*\); the model directory is incomplete or damaged: write it again"):
       read()
   assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == log_filters
   assert abandoned() <= before

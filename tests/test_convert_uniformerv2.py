@@ -275,6 +275,25 @@ def test_truncated_file(tmp_path):
   assert "cut.pyth" in err and "truncated or corrupt" in err
 
 
+def test_damaged_bytes_are_refused_not_converted(tmp_path):
+  """A file damaged in place (same length, zeroed bytes): its zip members' CRC-32s, which
+  torch.load does not check, name it; a file saved without checksums still converts."""
+  data = bytearray((GOLDEN / "tiny_k400.pyth").read_bytes())
+  data[len(data) // 2: len(data) // 2 + 2000] = bytes(2000)
+  (tmp_path / "damaged.pyth").write_bytes(data)
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "damaged.pyth", "--model",
+             config_file(tmp_path, "tiny_k400"))
+  assert "damaged.pyth: corrupt PyTorch file (Bad CRC-32 for file 'tiny_k400/data/" in err, err
+  assert "Download or copy it again" in err
+  from torch.utils.serialization import config
+  sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)
+  with config.patch({"save.compute_crc32": False}):
+    torch.save(sd, tmp_path / "no_crc.pyth")
+  code, err = cli("uniformerv2", "--input", tmp_path / "no_crc.pyth", "--model",
+                  config_file(tmp_path, "tiny_k400"), "--output", tmp_path / "m")
+  assert code == 0, err
+
+
 def test_pickle_needing_code_is_refused_unless_trusted(tmp_path):
   sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)
   sd["cfg"] = argparse.Namespace(lr=0.1)
@@ -309,10 +328,14 @@ def test_wrong_class_count(tmp_path):
   assert "num_classes" in err and "10" in err and "transformer.proj.2.weight" in err
 
 
-def test_clip_file_given_to_uniformerv2(tmp_path):
+def test_clip_file_given_to_uniformerv2_and_back(tmp_path):
   err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_clip_visual.pth", "--model",
              config_file(tmp_path, "tiny_clip"))
   assert "tiny_clip_visual.pth" in err and "convert clip" in err
+  for name in ("tiny_k400.pyth", "tiny_k400_mmaction.pth"):  # both UniFormerV2 layouts
+    err = _bad(tmp_path, "clip", "--input", GOLDEN / name, "--model",
+               config_file(tmp_path, "tiny_clip"))
+    assert f"{name} is a UniFormerV2 model" in err and "python -m convert uniformerv2" in err
 
 
 def test_mismatch_only_the_rules_see_is_named_by_key(tmp_path):
@@ -354,6 +377,17 @@ def test_bad_arguments_get_one_line(tmp_path):
   err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
              "--class-names", names)
   assert f"--class-names {names}: 3 class names for a 10-way head" in err
+  # A config file's mistakes are its own, found before the checkpoint is read (this one is cut
+  # short, and that error would come from reading it)
+  data = (GOLDEN / "tiny_k400.pyth").read_bytes()
+  (tmp_path / "cut.pyth").write_bytes(data[: len(data) // 2])
+  typo = tmp_path / "typo.json"
+  typo.write_text(json.dumps({**golden_case("tiny_k400")[1], "t_sise": 8}))
+  err = _bad(tmp_path, "uniformerv2", "--input", tmp_path / "cut.pyth", "--model", typo)
+  assert f"error: --model {typo}: Unknown UniFormerV2 config field(s) ['t_sise']" in err, err
+  err = _bad(tmp_path, "clip", "--input", tmp_path / "cut.pyth", "--model", cfg, "--set",
+             "heads=four")
+  assert "error: --set: Invalid UniFormerV2 config: heads='four' is not an integer" in err, err
 
 
 def test_paths_are_named_for_what_they_are(tmp_path):
@@ -398,6 +432,15 @@ def test_overwrite_replaces_only_a_model_directory(tmp_path):
                   "--overwrite")
   assert code == 2 and "is a folder" in err, err
   assert (mine / "sub" / "notes.txt").read_text() == "keep me"
+  code, err = cli("export", "--input", tmp_path / "m", "--layout", "original", "--output",
+                  f"{tmp_path / 'new'}/")
+  assert code == 2 and "is a folder" in err and not (tmp_path / "new").exists(), err
+  # a model directory that also holds the user's files is not replaced with them
+  (tmp_path / "m" / "k400.pyth").write_text("keep me")
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+                  "--output", tmp_path / "m", "--overwrite")
+  assert code == 2 and "holds more than a model (k400.pyth), which --overwrite would" in err, err
+  assert (tmp_path / "m" / "k400.pyth").read_text() == "keep me"
 
 
 def test_sigterm_leaves_no_partial_output(tmp_path, monkeypatch):
@@ -424,6 +467,52 @@ def test_sigterm_leaves_no_partial_output(tmp_path, monkeypatch):
     signal.signal(signal.SIGTERM, before)
   assert stop.value.code == 143
   assert only_entries(tmp_path) == ["tiny_k400.json"]  # the config file the test wrote
+
+
+def test_a_model_directory_serves_as_model_argument(tmp_path, k400_dir, x64):
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400_mmaction.pth", "--model",
+                  k400_dir, "--output", tmp_path / "m")
+  assert code == 0, err
+  got, arrays = logits(tmp_path / "m", "tiny_k400")
+  assert rel_err(got, arrays["logits"]) < 1e-12
+
+
+def test_writing_a_pytorch_file_that_fails_leaves_nothing(tmp_path, k400_dir, monkeypatch):
+  """No room on the disk: refused before writing; a write that fails anyway (torch's zip
+  writer raises RuntimeError on a full disk): one line, no temporary file."""
+  import shutil
+  usage = shutil.disk_usage(tmp_path)
+  with monkeypatch.context() as m:
+    m.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    code, err = cli("export", "--input", k400_dir, "--layout", "original", "--output",
+                    tmp_path / "k400.pyth")
+  assert code == 2 and f"error: {tmp_path / 'k400.pyth'} needs about" in err, err
+  assert "1,000 bytes free; free some space or write elsewhere" in err, err
+
+  def full_disk(obj, f):
+    with open(f, "wb") as out:
+      out.write(b"PK")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 604096")
+  monkeypatch.setattr(torch, "save", full_disk)
+  code, err = cli("export", "--input", k400_dir, "--layout", "original", "--output",
+                  tmp_path / "k400.pyth")
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"error: writing {tmp_path / 'k400.pyth'} failed, nothing was written "
+                        "([enforce fail"), err
+  assert os.listdir(tmp_path) == []
+
+
+def test_leftovers_of_a_killed_conversion_are_named(tmp_path, capsys):
+  (tmp_path / ".m.tmp-1234").mkdir()  # what a SIGKILLed conversion to m leaves
+  (tmp_path / ".other.tmp-1").mkdir()  # another output's: not this one's to name
+  code = cli_main(["uniformerv2", "--input", str(GOLDEN / "tiny_k400.pyth"), "--model",
+                   config_file(tmp_path, "tiny_k400"), "--output", str(tmp_path / "m")])
+  out = capsys.readouterr().out
+  assert code == 0
+  assert (f"note: {tmp_path / '.m.tmp-1234'}: left by a conversion to {tmp_path / 'm'} that "
+          "was killed; delete them unless one is running now") in out, out
+  assert ".other.tmp-1" not in out
+  assert (tmp_path / ".m.tmp-1234").is_dir()  # named, not deleted
 
 
 def test_without_torch_the_converters_say_how_to_install_it(tmp_path, monkeypatch):

@@ -11,9 +11,9 @@ from conftest import GOLDEN, golden_case, rel_err, torch_input_to_jax
 from uniformerv2_jax import (CheckpointMismatchError, UniFormerV2, from_torch_state_dict,
                              model_config)
 from uniformerv2_jax.torch_layout import canonical_state_dict, torch_shapes
-from uniformerv2_jax.weights import (abstract_model, count_params, flatten, model_from_tree,
-                                     stack_layers, torch_tensors_to_tree, unstack_layers,
-                                     weight_shapes)
+from uniformerv2_jax.weights import (WEIGHTS, abstract_model, count_params, flatten,
+                                     model_from_tree, stack_layers, torch_tensors_to_tree,
+                                     unstack_layers, weight_shapes)
 
 CASES = ["tiny_k400", "tiny_ssv2"]
 LAYOUTS = ["{}.pyth", "{}_mmaction.pth"]
@@ -231,6 +231,17 @@ def test_head_of_another_label_space():
                      match=r"transformer.proj.2.weight: checkpoint has \(710, 64\), "
                            r"config expects \(10, 64\)"):
     from_torch_state_dict({"model_state": sd}, model_config(None, **cfg))
+
+
+def test_every_file_wrapper_reads_the_same_weights():
+  """DistributedDataParallel's {"module": ...} too, as the command line reads it."""
+  _, cfg = golden_case("tiny_k400")
+  sd = load("tiny_k400")["model_state"]
+  weights = lambda d: nnx.to_pure_dict(nnx.state(
+      from_torch_state_dict(d, model_config(None, **cfg)), WEIGHTS))
+  want = weights(sd)
+  for wrapped in ({"module": sd}, {"model": sd}, {"state_dict": {"module": sd}}):
+    jax.tree.map(np.testing.assert_array_equal, weights(wrapped), want)
 
 
 def test_truncated_state_dict_lists_missing_keys():

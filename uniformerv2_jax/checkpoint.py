@@ -42,6 +42,8 @@ CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "class_names.txt"
 WEIGHTS_DIR = "weights"
 SEP = "."
+REWRITE = ("the model directory is incomplete or damaged: write it again (python -m convert ... "
+           "--overwrite, or save_pretrained) or copy it again")
 
 
 class CheckpointError(ValueError):
@@ -90,7 +92,7 @@ class ClassNamesError(CheckpointError):
   """A class list that does not fit the head."""
 
 
-def _check_names(class_names, num_classes: int) -> list[str] | None:
+def check_class_names(class_names, num_classes: int) -> list[str] | None:
   if class_names is None:
     return None
   names = [str(n).strip() for n in class_names]
@@ -114,6 +116,11 @@ def check_output_directory(directory: str, overwrite: bool) -> None:
     raise CheckpointError(f"{directory} exists and is not a model directory (no {CONFIG_FILE}); "
                           "--overwrite only replaces a model directory: choose another output, "
                           "or move that one away yourself")
+  others = sorted(set(storage.listdir(directory)) - {CONFIG_FILE, CLASS_NAMES_FILE, WEIGHTS_DIR})
+  if others:
+    raise CheckpointError(f"{directory} holds more than a model ({', '.join(others[:5])}"
+                          f"{', ...' if len(others) > 5 else ''}), which --overwrite would "
+                          "delete with it: move those away first, or choose another output")
 
 
 def save_pretrained(directory: str, model, class_names: Sequence[str] | None = None, *,
@@ -129,7 +136,7 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
     raise ValueError("save_pretrained(tree): pass config= for a pure weight tree")
   directory = storage.absolute(directory)
   check_output_directory(directory, overwrite)
-  names = _check_names(class_names, config.num_classes)
+  names = check_class_names(class_names, config.num_classes)
   flat = flat_weights(_weights_tree(model))
   _check_against_config({k: np.shape(v) for k, v in flat.items()}, config, directory)
   stored = config.replace(scan_layers=False)
@@ -137,6 +144,9 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
     return _save_to_object_store(directory, flat, stored, names)
 
   parent = os.path.dirname(directory)
+  no_room = storage.check_free_space(directory, sum(int(v.nbytes) for v in flat.values()))
+  if no_room:
+    raise CheckpointError(no_room)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
   try:
@@ -149,9 +159,17 @@ def save_pretrained(directory: str, model, class_names: Sequence[str] | None = N
         f.write("\n".join(names) + "\n")
     if os.path.exists(directory):  # overwrite: swap, then delete the old one
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-      os.rename(directory, os.path.join(old, "x"))
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
+      aside = os.path.join(old, "x")
+      try:
+        os.rename(directory, aside)
+        os.rename(tmp, directory)
+      except BaseException:
+        if os.path.exists(aside) and not os.path.exists(directory):
+          os.rename(aside, directory)  # interrupted between the renames: the old one goes back
+        raise
+      finally:
+        if os.path.exists(directory):  # the new one or the old one: the other is deleted
+          shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, directory)
   except BaseException:
@@ -289,11 +307,12 @@ def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
     return {_key(p): (tuple(s.shape), np.dtype(s.dtype).name)
             for p, s in flatten(weight_shapes(cfg)).items()}
   path = os.path.join(directory, WEIGHTS_DIR)
-  try:
+  with damaged_files_reported(path, REWRITE):  # Orbax raises many types for a broken directory
     with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.metadata(path).item_metadata.tree
-  except Exception as e:  # noqa: BLE001  (Orbax raises many types for a broken directory)
-    raise CheckpointError(f"{path}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+      item = ckptr.metadata(path).item_metadata
+    if item is None:
+      raise FileNotFoundError("no array metadata: the Orbax checkpoint is incomplete")
+    tree = item.tree
   return {k: (tuple(m.shape), np.dtype(m.dtype).name) for k, m in tree.items()}
 
 
@@ -358,7 +377,7 @@ def restore_weights(directory: str, target: Mapping | None = None) -> dict:
     tree = checkpointing.restore_weights(directory)
     return tree if target is None else jax.tree.map(_place, tree, target)
   path = os.path.join(directory, WEIGHTS_DIR)
-  with damaged_files_reported(path, "re-create the model directory (python -m convert ...)"):
+  with damaged_files_reported(path, REWRITE):
     if target is None:
       stored = stored_shapes(directory)
       flat_target = {k: jax.ShapeDtypeStruct(s, np.dtype(d)) for k, (s, d) in stored.items()}

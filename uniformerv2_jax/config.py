@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,10 +180,18 @@ def _check_types(fields: dict[str, Any]) -> None:
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _build(base: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
-  unknown = sorted(set(overrides) - set(FIELDS) - _IGNORED)
+def check_fields(fields: Mapping[str, Any]) -> None:
+  """The names and value kinds of some config fields (upstream names), as a config built from
+  them would check them; raises ValueError."""
+  unknown = sorted(set(fields) - set(FIELDS) - _IGNORED)
   if unknown:
     raise ValueError(f"Unknown UniFormerV2 config field(s) {unknown}; valid fields: {list(FIELDS)}")
+  _check_types({**dataclasses.asdict(ModelConfig()),
+                **{k: v for k, v in fields.items() if k in FIELDS}})
+
+
+def _build(base: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+  check_fields(overrides)
   fields = dict(base)
   fields.update({k: v for k, v in overrides.items() if k in FIELDS})
   if "n_dim" in overrides and int(overrides["n_dim"]) != int(fields["width"]):

@@ -40,7 +40,7 @@ def damaged_files_reported(path: str, what_to_do: str):
   except Exception as e:  # noqa: BLE001 -- re-raised with the file and what to do
     reason = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
     reason = f"{type(e).__name__}: {reason.split(' See full TensorStore details')[0][:300]}"
-    loops = _event_loops_run(e)
+    loops = _event_loops_run(e) or _closed_loops_with_pending_futures()
     _clear_finished_frames(e)  # they hold the abandoned reads
     settled = _wait_for_abandoned_reads(loops, SETTLE_TIMEOUT_S)
     raise CheckpointError(f"{path}: unreadable or incomplete weights ({reason}); "
@@ -93,6 +93,14 @@ def _event_loops_run(error: BaseException) -> set:
         loops.add(owner)
     tb = tb.tb_next
   return loops
+
+
+def _closed_loops_with_pending_futures() -> set:
+  """Closed event loops that still have unfinished futures: reads Orbax abandoned on a failure
+  it caught itself (a missing metadata file: it logs a warning and returns None)."""
+  gc.collect()
+  return {o.get_loop() for o in gc.get_objects()
+          if issubclass(type(o), asyncio.Future) and not o.done() and o.get_loop().is_closed()}
 
 
 def _clear_finished_frames(error: BaseException) -> None:

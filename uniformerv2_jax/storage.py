@@ -15,6 +15,7 @@ directory's `config.json`) and never replace a directory in place.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 from etils import epath
@@ -54,6 +55,22 @@ def make_public(path, mode: int) -> None:
 
 def makedirs(path) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def check_free_space(path, needed: int) -> str | None:
+  """Why `needed` bytes cannot be written at local `path` (its disk, found from the nearest
+  existing folder, has less free), or None; an object store is not checked."""
+  if is_url(path):
+    return None
+  existing = os.path.abspath(os.fspath(path))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  if needed <= free:
+    return None
+  mib = lambda n: f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
+  return (f"{path} needs about {mib(needed)} and the disk of {existing} has {mib(free)} free; "
+          "free some space or write elsewhere")
 
 
 def ensure_writable(directory) -> None:

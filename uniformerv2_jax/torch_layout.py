@@ -156,6 +156,11 @@ def to_numpy(t) -> np.ndarray:
   return np.asarray(t)
 
 
+# Keys that hold the state dict in a saved file, outermost first: the original repository's
+# checkpoints, mmaction2's, common training scripts' and DistributedDataParallel's.
+WRAPPERS = ("model_state", "state_dict", "model", "module")
+
+
 def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
   """Unwraps either upstream layout into canonical names; returns (dict, layout name).
 
@@ -164,7 +169,7 @@ def canonical_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any],
   `backbone.*` and `cls_head.fc_cls.*`.
   """
   sd = state_dict
-  for wrapper in ("model_state", "state_dict", "model"):
+  for wrapper in WRAPPERS:
     if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]
   if not isinstance(sd, Mapping) or not sd:
