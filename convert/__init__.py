@@ -5,6 +5,7 @@ The functions here are the command line's bodies, usable from Python too.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import tempfile
@@ -267,9 +268,11 @@ def export_file(input_dir: str, layout: str, output: str, *, overwrite: bool = F
     torch.save(state, tmp)
     storage.make_public(tmp, 0o666)
     os.replace(tmp, output)
-  except (RuntimeError, OSError) as e:  # torch's zip writer raises RuntimeError, e.g. disk full
+  except (RuntimeError, OSError) as e:  # torch's zip writer raises RuntimeError
+    full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or any(s in str(e) for s in ("unexpected pos", "file write failed")))
     raise ConversionError(f"writing {output} failed, nothing was written "
-                          f"({short_message(e)}); is the disk full?") from None
+                          f"({short_message(e)}){'; is the disk full?' if full else ''}") from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -302,19 +305,25 @@ def _check_output_file(output: str, overwrite: bool, log: Log) -> None:
 
 
 def _note_leftovers(output: str, log: Log) -> None:
-  """Names the temporary copies a killed conversion to the same output left beside it (an
-  interrupted one removes its own): they may be large, and only the user knows that no other
-  conversion is writing them now."""
+  """Names what a killed conversion to the same output left beside it (an interrupted one
+  removes its own): temporary copies, which may be large, and a replaced model moved aside."""
   if storage.is_url(output):
     return
   folder, name = os.path.split(output)
   if not os.path.isdir(folder):
     return
-  left = sorted(e for e in os.listdir(folder)
-                if e.startswith((f".{name}.tmp-", f".{name}.old-")))
-  if left:
-    log(f"note: {', '.join(os.path.join(folder, e) for e in left)}: left by a conversion to "
-        f"{output} that was killed; delete them unless one is running now")
+  stale = []
+  for entry in sorted(os.listdir(folder)):
+    path = os.path.join(folder, entry)
+    aside = os.path.join(path, "x")
+    if entry.startswith(f".{name}.old-") and os.path.isfile(os.path.join(aside, "config.json")):
+      log(f"note: {aside} is the model that was at {output} when a conversion replacing it "
+          "was killed; it stays there until you move or delete it")
+    elif entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+      stale.append(path)
+  if stale:
+    log(f"note: {', '.join(stale)}: left by a conversion to {output} that was killed; delete "
+        "them unless one is running now")
 
 
 def _check_writable(output: str) -> None:

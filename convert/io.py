@@ -123,7 +123,7 @@ def _check_checksums(path: str) -> None:
         with z.open(info) as f:  # raises BadZipFile at the end of a member that does not match
           while f.read(1 << 24):
             pass
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
+  except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
     raise ConversionError(f"{path}: corrupt PyTorch file ({short_message(e)}): damaged in a "
                           "download or copy? Download or copy it again") from None
 

@@ -236,7 +236,7 @@ def test_a_model_directory_copied_in_part_says_what_to_do(saved, tmp_path):
   shutil.rmtree(tmp_path / "m" / "weights" / "d")  # the array data and its manifest: a copy
   os.remove(tmp_path / "m" / "weights" / "manifest.ocdbt")  # cut short
   with pytest.raises(CheckpointError, match=r"/m/weights: unreadable or incomplete weights "
-                     r"\(FileNotFoundError: no array metadata.*\); the model directory is "
+                     r"\(MetadataMissing: no array metadata.*\); the model directory is "
                      r"incomplete or damaged: write it again"):
     checkpoint.stored_shapes(tmp_path / "m")
   # From the command line: that one error, and no tracebacks of the reads Orbax abandoned
@@ -246,7 +246,7 @@ def test_a_model_directory_copied_in_part_says_what_to_do(saved, tmp_path):
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
   assert [line for line in p.stderr.splitlines() if line.startswith("error: ")] == [
-      f"error: {tmp_path}/m/weights: unreadable or incomplete weights (FileNotFoundError: no "
+      f"error: {tmp_path}/m/weights: unreadable or incomplete weights (MetadataMissing: no "
       f"array metadata: the Orbax checkpoint is incomplete); {checkpoint.REWRITE}"], p.stderr
 
 

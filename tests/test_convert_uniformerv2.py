@@ -499,20 +499,27 @@ def test_writing_a_pytorch_file_that_fails_leaves_nothing(tmp_path, k400_dir, mo
   assert code == 2 and err.count("\n") == 1, err
   assert err.startswith(f"error: writing {tmp_path / 'k400.pyth'} failed, nothing was written "
                         "([enforce fail"), err
+  assert err.rstrip().endswith("unexpected pos 604096); is the disk full?"), err
   assert os.listdir(tmp_path) == []
 
 
-def test_leftovers_of_a_killed_conversion_are_named(tmp_path, capsys):
-  (tmp_path / ".m.tmp-1234").mkdir()  # what a SIGKILLed conversion to m leaves
+def test_leftovers_of_a_killed_conversion_are_named(tmp_path, k400_dir, capsys):
+  """What a SIGKILLed conversion to m leaves: a temporary copy, and when it was replacing m
+  and died between the two renames, the old model moved aside."""
+  import shutil
+  (tmp_path / ".m.tmp-1234").mkdir()
+  shutil.copytree(k400_dir, tmp_path / ".m.old-99" / "x")
   (tmp_path / ".other.tmp-1").mkdir()  # another output's: not this one's to name
   code = cli_main(["uniformerv2", "--input", str(GOLDEN / "tiny_k400.pyth"), "--model",
                    config_file(tmp_path, "tiny_k400"), "--output", str(tmp_path / "m")])
   out = capsys.readouterr().out
   assert code == 0
+  assert (f"note: {tmp_path / '.m.old-99' / 'x'} is the model that was at {tmp_path / 'm'} "
+          "when a conversion replacing it was killed; it stays there") in out, out
   assert (f"note: {tmp_path / '.m.tmp-1234'}: left by a conversion to {tmp_path / 'm'} that "
           "was killed; delete them unless one is running now") in out, out
   assert ".other.tmp-1" not in out
-  assert (tmp_path / ".m.tmp-1234").is_dir()  # named, not deleted
+  assert (tmp_path / ".m.tmp-1234").is_dir() and (tmp_path / ".m.old-99" / "x").is_dir()
 
 
 def test_without_torch_the_converters_say_how_to_install_it(tmp_path, monkeypatch):

@@ -70,12 +70,27 @@ def test_each_srun_task_drives_its_own_gpus(step, expected, calls):
   assert calls == [{}]
 
 
-def test_gpus_that_do_not_divide_among_the_tasks_are_one_message(calls):
-  step = dict(SRUN, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", SLURM_STEP_TASKS_PER_NODE="3")
-  with pytest.raises(distributed.DistributedError,
-                     match=r"srun started 3 tasks per node and each sees 8 GPUs"):
-    distributed.maybe_initialize(NO_FLAGS, step, False)
+@pytest.mark.parametrize("step, message", [
+    (dict(CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", SLURM_STEP_TASKS_PER_NODE="3"),
+     "srun started 3 tasks on this node and this one sees 8 GPUs: neither"),
+    # --gpu-bind=closest: 8 tasks, each seeing its socket's 4 of the node's 8
+    (dict(CUDA_VISIBLE_DEVICES="0,1,2,3", SLURM_GPUS_ON_NODE="8",
+          SLURM_STEP_TASKS_PER_NODE="8"), "8 tasks on this node and this one sees 4 GPUs of its 8"),
+])
+def test_gpus_neither_bound_nor_divisible_are_one_message(step, message, calls):
+  with pytest.raises(distributed.DistributedError, match=message):
+    distributed.maybe_initialize(NO_FLAGS, dict(SRUN, **step), False)
   assert calls == []
+
+
+def test_a_coordinator_given_under_srun_still_gets_the_tasks_gpus(calls):
+  """JAX fills in what the flags leave out from SLURM, the GPU of SLURM_LOCALID included."""
+  values = types.SimpleNamespace(coordinator_address="h:1234", num_processes=2, process_id=0,
+                                 cpu_collectives=None)
+  distributed.maybe_initialize(values, dict(SRUN, **GRES8, SLURM_STEP_TASKS_PER_NODE="1(x2)"),
+                               False)
+  assert calls == [dict(coordinator_address="h:1234", num_processes=2, process_id=0,
+                        local_device_ids=list(range(8)))]
 
 
 def test_flags_and_coordinator_variable_win(calls):

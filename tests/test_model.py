@@ -234,7 +234,7 @@ def test_head_of_another_label_space():
 
 
 def test_every_file_wrapper_reads_the_same_weights():
-  """DistributedDataParallel's {"module": ...} too, as the command line reads it."""
+  """{"module": ...} (some training scripts save so) too, as the command line reads it."""
   _, cfg = golden_case("tiny_k400")
   sd = load("tiny_k400")["model_state"]
   weights = lambda d: nnx.to_pure_dict(nnx.state(

@@ -34,7 +34,7 @@ from flax import nnx
 
 from uniformerv2_jax import storage
 from uniformerv2_jax.config import ModelConfig
-from uniformerv2_jax.damaged_reads import damaged_files_reported
+from uniformerv2_jax.damaged_reads import MetadataMissing, damaged_files_reported
 from uniformerv2_jax.weights import (WEIGHTS, abstract_model, flatten, nest, unstack_layers,
                                      weight_shapes)
 
@@ -311,7 +311,7 @@ def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
     with ocp.StandardCheckpointer() as ckptr:
       item = ckptr.metadata(path).item_metadata
     if item is None:
-      raise FileNotFoundError("no array metadata: the Orbax checkpoint is incomplete")
+      raise MetadataMissing("no array metadata: the Orbax checkpoint is incomplete")
     tree = item.tree
   return {k: (tuple(m.shape), np.dtype(m.dtype).name) for k, m in tree.items()}
 

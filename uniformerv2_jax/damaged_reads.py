@@ -23,6 +23,11 @@ import traceback
 SETTLE_TIMEOUT_S = 10.0  # then the error is raised anyway (the filters stay, for this path)
 
 
+class MetadataMissing(FileNotFoundError):
+  """Orbax found no metadata for a checkpoint: it logged a warning and returned None, and left
+  the reads it had started in an event loop it closed."""
+
+
 @contextlib.contextmanager
 def damaged_files_reported(path: str, what_to_do: str):
   """Orbax/TensorStore failures while reading ``path`` -> one CheckpointError naming it.
@@ -40,7 +45,8 @@ def damaged_files_reported(path: str, what_to_do: str):
   except Exception as e:  # noqa: BLE001 -- re-raised with the file and what to do
     reason = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
     reason = f"{type(e).__name__}: {reason.split(' See full TensorStore details')[0][:300]}"
-    loops = _event_loops_run(e) or _closed_loops_with_pending_futures()
+    loops = _event_loops_run(e) or (_closed_loops_with_pending_futures()
+                                    if isinstance(e, MetadataMissing) else set())
     _clear_finished_frames(e)  # they hold the abandoned reads
     settled = _wait_for_abandoned_reads(loops, SETTLE_TIMEOUT_S)
     raise CheckpointError(f"{path}: unreadable or incomplete weights ({reason}); "
@@ -96,8 +102,8 @@ def _event_loops_run(error: BaseException) -> set:
 
 
 def _closed_loops_with_pending_futures() -> set:
-  """Closed event loops that still have unfinished futures: reads Orbax abandoned on a failure
-  it caught itself (a missing metadata file: it logs a warning and returns None)."""
+  """Closed event loops that still have unfinished futures: after MetadataMissing, the reads
+  Orbax abandoned (the failure it caught itself left no frame of its loop to find it by)."""
   gc.collect()
   return {o.get_loop() for o in gc.get_objects()
           if issubclass(type(o), asyncio.Future) and not o.done() and o.get_loop().is_closed()}

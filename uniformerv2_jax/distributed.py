@@ -122,22 +122,25 @@ def slurm_local_device_ids(env) -> list[int] | None:
   """The GPUs (indices among those the task sees) this srun task drives, or None to leave the
   choice to JAX. JAX alone gives each task the one GPU of its SLURM_LOCALID: right for one
   task per GPU, but one task per node would drive one GPU of eight, and a task that srun bound
-  to its own GPU (--gpus-per-task, --gpu-bind) sees one GPU 0, not GPU SLURM_LOCALID."""
+  to its own GPU (--gpus-per-task, --gpu-bind) sees one GPU 0, not GPU SLURM_LOCALID.
+  A step with different task counts on its nodes is left to JAX."""
   gpus, tasks = _visible_gpus(env), _tasks_per_node(env)
   if gpus is None or tasks is None or "SLURM_LOCALID" not in env:
     return None
+  if tasks == 1:
+    return list(range(gpus))
   per_task = env.get("SLURM_GPUS_PER_TASK", "").rpartition(":")[2]  # "2" or "h100:2"
   on_node = env.get("SLURM_GPUS_ON_NODE", "")
-  bound = ((per_task.isdigit() and int(per_task) == gpus) or gpus < tasks
-           or (on_node.isdigit() and gpus < int(on_node)))  # the task sees only its own
-  if tasks == 1 or bound:
-    return list(range(gpus))
-  if gpus % tasks:
+  on_node = int(on_node) if on_node.isdigit() else None
+  if gpus == 1 or (per_task.isdigit() and int(per_task) == gpus) or gpus * tasks == on_node:
+    return list(range(gpus))  # bound: what it sees is its own
+  if gpus % tasks or on_node not in (None, gpus):
     raise DistributedError(
-        f"srun started {tasks} tasks per node and each sees {gpus} GPUs, which do not divide "
-        f"among them. Start one task per GPU or one per node (srun --ntasks-per-node), or bind "
-        f"GPUs to tasks (srun --gpus-per-task)")
-  first = int(env["SLURM_LOCALID"]) * (gpus // tasks)
+        f"srun started {tasks} tasks on this node and this one sees {gpus} GPUs"
+        f"{f' of its {on_node}' if on_node else ''}: neither its own share nor all of them to "
+        "divide. Start one task per GPU or one per node (srun --ntasks-per-node), or bind GPUs "
+        "to tasks (srun --gpus-per-task)")
+  first = int(env["SLURM_LOCALID"]) * (gpus // tasks)  # all tasks see all: each takes a share
   return list(range(first, first + gpus // tasks))
 
 
@@ -154,16 +157,18 @@ def maybe_initialize(values=None, environ=None, on_tpu_vm=None) -> None:
   where = "the given coordinator" if explicit else cluster(env, on_tpu_vm)
   if where is None:
     return
-  own_ids = where == "SLURM" and "JAX_LOCAL_DEVICE_IDS" not in env
+  # In an srun step JAX would give each task the GPU of its SLURM_LOCALID, coordinator given
+  # or not: the GPUs of this task instead
+  own_ids = all(k in env for k in SLURM_STEP_VARS) and "JAX_LOCAL_DEVICE_IDS" not in env
   local_device_ids = slurm_local_device_ids(env) if own_ids else None
+  gpus = {} if local_device_ids is None else {"local_device_ids": local_device_ids}
   try:
     if explicit:
       jax.distributed.initialize(coordinator_address=values.coordinator_address,
-                                 num_processes=values.num_processes, process_id=values.process_id)
-    elif local_device_ids is not None:  # JAX's own detection, with the GPUs of this task
-      jax.distributed.initialize(local_device_ids=local_device_ids)
+                                 num_processes=values.num_processes, process_id=values.process_id,
+                                 **gpus)
     else:
-      jax.distributed.initialize()  # JAX's own cluster detection
+      jax.distributed.initialize(**gpus)  # JAX's own cluster detection
   except (ValueError, RuntimeError) as e:
     todo = ("check that HOST:PORT is process 0's and reachable from every host, and that "
             "--num_processes and --process_id are set on each" if explicit else

@@ -58,16 +58,18 @@ def makedirs(path) -> None:
 
 
 def check_free_space(path, needed: int) -> str | None:
-  """Why `needed` bytes cannot be written at local `path` (its disk, found from the nearest
-  existing folder, has less free), or None; an object store is not checked."""
+  """Why `needed` bytes cannot be written as local `path` (the disk of the folder that will
+  hold it, or of its nearest existing parent, has less free), or None. Not checked: object
+  stores, and file systems that report no size (some FUSE mounts)."""
   if is_url(path):
     return None
-  existing = os.path.abspath(os.fspath(path))
+  existing = os.path.dirname(os.path.abspath(os.fspath(path)))
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  free = shutil.disk_usage(existing).free
-  if needed <= free:
+  usage = shutil.disk_usage(existing)
+  if needed <= usage.free or usage.total == 0:
     return None
+  free = usage.free
   mib = lambda n: f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
   return (f"{path} needs about {mib(needed)} and the disk of {existing} has {mib(free)} free; "
           "free some space or write elsewhere")

@@ -157,7 +157,8 @@ def to_numpy(t) -> np.ndarray:
 
 
 # Keys that hold the state dict in a saved file, outermost first: the original repository's
-# checkpoints, mmaction2's, common training scripts' and DistributedDataParallel's.
+# checkpoints, mmaction2's and other training scripts' (DistributedDataParallel's "module."
+# key prefix is removed below).
 WRAPPERS = ("model_state", "state_dict", "model", "module")
 
 
