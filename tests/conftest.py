@@ -48,3 +48,17 @@ def x64():
 @pytest.fixture(scope="session")
 def golden_dir():
   return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def k400_dir(tmp_path_factory):
+  """tiny_k400.pyth converted by the command line, with class names: a model directory."""
+  from convert_cli import config_file, run_cli
+  tmp = tmp_path_factory.mktemp("k400")
+  names = tmp / "names.txt"
+  names.write_text("".join(f"class {i}\n" for i in range(10)))
+  code, out = run_cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth",
+                      "--model", config_file(tmp, "tiny_k400"), "--class-names", names,
+                      "--output", tmp / "model")
+  assert code == 0, out
+  return tmp / "model"
