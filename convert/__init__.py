@@ -307,6 +307,7 @@ def _check_output_file(output: str, overwrite: bool, log: Log) -> None:
 def _note_leftovers(output: str, log: Log) -> None:
   """Names what a killed conversion to the same output left beside it (an interrupted one
   removes its own): temporary copies, which may be large, and a replaced model moved aside."""
+  from uniformerv2_jax.checkpoint import CONFIG_FILE
   if storage.is_url(output):
     return
   folder, name = os.path.split(output)
@@ -316,7 +317,7 @@ def _note_leftovers(output: str, log: Log) -> None:
   for entry in sorted(os.listdir(folder)):
     path = os.path.join(folder, entry)
     aside = os.path.join(path, "x")
-    if entry.startswith(f".{name}.old-") and os.path.isfile(os.path.join(aside, "config.json")):
+    if entry.startswith(f".{name}.old-") and os.path.isfile(os.path.join(aside, CONFIG_FILE)):
       log(f"note: {aside} is the model that was at {output} when a conversion replacing it "
           "was killed; it stays there until you move or delete it")
     elif entry.startswith((f".{name}.tmp-", f".{name}.old-")):
@@ -336,9 +337,7 @@ def _check_writable(output: str) -> None:
       except PermissionError as e:
         raise ConversionError(f"--output {output}: its folder {e}") from None
     return
-  existing = os.path.dirname(output)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = storage.nearest_existing_folder(output)
   try:
     with tempfile.TemporaryFile(dir=existing):
       pass

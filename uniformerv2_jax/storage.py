@@ -63,16 +63,21 @@ def check_free_space(path, needed: int) -> str | None:
   stores, and file systems that report no size (some FUSE mounts)."""
   if is_url(path):
     return None
-  existing = os.path.dirname(os.path.abspath(os.fspath(path)))
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = nearest_existing_folder(path)
   usage = shutil.disk_usage(existing)
   if needed <= usage.free or usage.total == 0:
     return None
-  free = usage.free
   mib = lambda n: f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
-  return (f"{path} needs about {mib(needed)} and the disk of {existing} has {mib(free)} free; "
-          "free some space or write elsewhere")
+  return (f"{path} needs about {mib(needed)} and the disk of {existing} has "
+          f"{mib(usage.free)} free; free some space or write elsewhere")
+
+
+def nearest_existing_folder(path) -> str:
+  """The local folder that will hold `path`, or its nearest parent that exists."""
+  existing = os.path.dirname(os.path.abspath(os.fspath(path)))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  return existing
 
 
 def ensure_writable(directory) -> None:
