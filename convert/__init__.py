@@ -107,9 +107,14 @@ def convert_clip_file(input_path: str, model: str, output: str, *, sets: Mapping
 def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
                              sets: Mapping[str, Any] = (), head_map=None,
                              class_names: Sequence[str] | None = None,
+                             new_head: bool = False, seed: int = 0,
                              trust_pickle: bool = False, overwrite: bool = False,
                              log: Log = print) -> str:
-  """An upstream UniFormerV2 checkpoint (original or mmaction2 layout) -> model directory."""
+  """An upstream UniFormerV2 checkpoint (original or mmaction2 layout) -> model directory.
+
+  new_head: a classifier initialised from `seed` (num_classes from `sets`) instead of the
+  checkpoint's, which may have none (a backbone saved for fine-tuning).
+  """
   from uniformerv2_jax import heads
   from uniformerv2_jax.checkpoint import check_class_names, save_pretrained
   from uniformerv2_jax.torch_layout import canonical_state_dict
@@ -132,6 +137,7 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
     raise ConversionError(f"{input_path}: unknown layout, not a UniFormerV2 checkpoint (no "
                           "backbone.transformer.dec.* / transformer.dec.*); first keys: "
                           f"{first_keys}")
+  _check_head(canonical, input_path, new_head, head_map)
   try:
     facts = infer.infer_uniformerv2(canonical)
   except ConversionError as e:
@@ -151,7 +157,10 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
   log(f"{input_path}: {layout} layout; width {cfg.width}, {cfg.layers} layers, "
       f"{cfg.n_layers} global blocks on {list(cfg.return_list)}, "
       f"{'no' if cfg.no_lmhra else ('double' if cfg.double_lmhra else 'single')} Local MHRA, "
-      f"temporal_downsample={cfg.temporal_downsample}, {cfg.num_classes} classes")
+      f"temporal_downsample={cfg.temporal_downsample}, {cfg.num_classes} classes"
+      + (f" (a new head, seed {seed})" if new_head else ""))
+  if new_head:
+    canonical.update(_fresh_head(cfg, seed))
   tree = torch_tensors_to_tree(canonical, cfg, source=input_path)
   canonical.clear()
   tree = _own_leaves(tree, np.float32)
@@ -164,11 +173,41 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
     if class_names is None and heads.builtin_name(head_map):
       class_names = heads.builtin_class_names(heads.builtin_name(head_map))
     log(f"head remapped to {len(index_map)} classes with {head_map}")
+  elif class_names is None and new_head:
+    log(f"note: no class names written for the new {cfg.num_classes}-way head: pass "
+        "--class-names FILE to name its classes (training's dataset gives them otherwise)")
   elif class_names is None:
     class_names = _default_class_names(layout, cfg.num_classes, log)
   out = save_pretrained(output, tree, class_names, config=cfg, overwrite=overwrite)
   log(f"wrote {out}")
   return out
+
+
+HEAD_FC = "transformer.proj.2."  # the classifier, canonical names (mmaction2: cls_head.fc_cls.)
+
+
+def _check_head(canonical: dict, input_path: str, new_head: bool, head_map) -> None:
+  """Drops the classifier a new head replaces; names a missing one (a backbone checkpoint)."""
+  head = [k for k in canonical if k.startswith(HEAD_FC)]
+  if new_head:
+    if head_map is not None:
+      raise ConversionError(f"--new-head and --head-map {head_map} contradict: --head-map "
+                            "keeps rows of the checkpoint's head, --new-head replaces it")
+    for k in head:
+      del canonical[k]
+  elif not head:
+    raise ConversionError(
+        f"{input_path} holds no classifier ({HEAD_FC}weight/bias, mmaction2's cls_head.fc_cls.*): "
+        "a backbone without its head. Add --new-head --set num_classes=N to initialise an N-way "
+        "head (--seed), and fine-tune the model directory with config.init_from")
+
+
+def _fresh_head(cfg, seed: int) -> dict:
+  """The classifier of `UniFormerV2(cfg, rngs=nnx.Rngs(seed))`, as canonical torch tensors."""
+  from uniformerv2_jax.torch_layout import model_rules
+  rules = [r for r in model_rules(cfg) if r.torch.startswith(HEAD_FC)]
+  fresh = fresh_weights(cfg, seed, only={r.path for r in rules})
+  return {r.torch: r.to_torch(fresh[r.path]) for r in rules}
 
 
 def checkpoint_to_model_dir(input_dir: str, output: str, *, overwrite: bool = False,

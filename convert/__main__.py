@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
   common(u, model_help)
   u.add_argument("--head-map", default=None,
                  help="k400 | k600 | k700 | map.json: gather the rows of a K710 head")
+  u.add_argument("--new-head", action="store_true",
+                 help="initialise a new classifier (--set num_classes=N, --seed) instead of the "
+                      "checkpoint's; for a backbone saved without one")
+  u.add_argument("--seed", type=int, default=0, help="seed of the --new-head classifier")
   e = sub.add_parser("export", help="model directory or training checkpoint -> PyTorch state dict")
   e.add_argument("--input", required=True,
                  help="model directory, training workdir or WORKDIR/checkpoints/STEP")
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
     else:
       convert.convert_uniformerv2_file(args.input, args.model, args.output, sets=sets,
                                        head_map=args.head_map, class_names=names,
+                                       new_head=args.new_head, seed=args.seed,
                                        trust_pickle=args.trust_pickle,
                                        overwrite=args.overwrite, log=log)
   except ClassNamesError as e:

@@ -211,6 +211,48 @@ def test_a_head_without_class_names_says_how_to_give_them(tmp_path, capsys):
   assert read_class_names(tmp_path / "m") is None
 
 
+def test_a_backbone_without_head_gets_a_new_one_on_request(tmp_path, capsys):
+  """A checkpoint saved without its classifier is named as such; --new-head gives it the head
+  `UniFormerV2(cfg, rngs=nnx.Rngs(seed))` starts with, the backbone converted as usual."""
+  from uniformerv2_jax.model import UniFormerV2
+  for name, key in (("tiny_k400.pyth", "model_state"), ("tiny_k400_mmaction.pth", "state_dict")):
+    sd = torch.load(GOLDEN / name, weights_only=True)
+    for k in [k for k in sd[key] if ".proj.2." in k or k.startswith("cls_head.fc_cls.")]:
+      del sd[key][k]
+    torch.save(sd, tmp_path / f"headless_{name}")
+  model = config_file(tmp_path, "tiny_k400")
+  for name in ("tiny_k400.pyth", "tiny_k400_mmaction.pth"):
+    code, err = cli("uniformerv2", "--input", tmp_path / f"headless_{name}", "--model", model,
+                    "--output", tmp_path / "refused")
+    assert code == 2 and f"headless_{name} holds no classifier" in err, err
+    assert "--new-head --set num_classes=N" in err and not (tmp_path / "refused").exists()
+
+  capsys.readouterr()
+  assert cli_main(["uniformerv2", "--input", str(tmp_path / "headless_tiny_k400.pyth"), "--model",
+                   model, "--new-head", "--set", "num_classes=7", "--seed", "3",
+                   "--output", str(tmp_path / "new")]) == 0
+  assert "7 classes (a new head, seed 3)" in capsys.readouterr().out
+  assert cli_main(["uniformerv2", "--input", str(GOLDEN / "tiny_k400.pyth"), "--model", model,
+                   "--output", str(tmp_path / "full")]) == 0
+  cfg = read_config(tmp_path / "new")
+  assert cfg.num_classes == 7 and read_class_names(tmp_path / "new") is None
+  new, full = restore_weights(tmp_path / "new"), restore_weights(tmp_path / "full")
+  want = nnx.to_pure_dict(nnx.state(UniFormerV2(cfg, rngs=nnx.Rngs(3)), nnx.Param))["head"]["fc"]
+  jax.tree.map(np.testing.assert_array_equal, new["head"]["fc"], jax.tree.map(np.asarray, want))
+  new["head"].pop("fc"), full["head"].pop("fc")
+  jax.tree.map(np.testing.assert_array_equal, new, full)  # the rest is the checkpoint's
+
+  # A head that exists is replaced; a remap of it cannot also be asked for.
+  assert cli_main(["uniformerv2", "--input", str(GOLDEN / "tiny_k400.pyth"), "--model", model,
+                   "--new-head", "--set", "num_classes=7", "--seed", "3",
+                   "--output", str(tmp_path / "replaced")]) == 0
+  jax.tree.map(np.testing.assert_array_equal, restore_weights(tmp_path / "replaced")["head"],
+               restore_weights(tmp_path / "new")["head"])
+  code, err = cli("uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", model,
+                  "--new-head", "--head-map", "k400", "--output", tmp_path / "both")
+  assert code == 2 and "--new-head and --head-map k400 contradict" in err, err
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
