@@ -110,4 +110,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)  # Orbax's warnings repeat what the one error line says
   sys.exit(main())

@@ -239,13 +239,14 @@ def test_a_model_directory_copied_in_part_says_what_to_do(saved, tmp_path):
                      r"\(MetadataMissing: no array metadata.*\); the model directory is "
                      r"incomplete or damaged: write it again"):
     checkpoint.stored_shapes(tmp_path / "m")
-  # From the command line: that one error, and no tracebacks of the reads Orbax abandoned
+  # From the command line: that one error, no tracebacks of the reads Orbax abandoned, and
+  # none of its warnings
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-m", "convert", "export", "--input", str(tmp_path / "m"),
                       "--layout", "original", "--output", str(tmp_path / "m.pyth")],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-  assert [line for line in p.stderr.splitlines() if line.startswith("error: ")] == [
+  assert [line for line in p.stderr.splitlines() if line.strip()] == [
       f"error: {tmp_path}/m/weights: unreadable or incomplete weights (MetadataMissing: no "
       f"array metadata: the Orbax checkpoint is incomplete); {checkpoint.REWRITE}"], p.stderr
 
