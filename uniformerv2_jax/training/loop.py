@@ -15,7 +15,7 @@ from uniformerv2_jax import sharding as shd
 from uniformerv2_jax import storage
 from uniformerv2_jax.distributed import process_0_floats
 from uniformerv2_jax.flops import device_peak_flops, train_flops_per_clip
-from uniformerv2_jax.training import config_check, data_io, optim
+from uniformerv2_jax.training import config_check, data_io, events, optim
 from uniformerv2_jax.training.config_check import build_model_config
 from uniformerv2_jax.training.checkpointing import Checkpointer, PreemptionWatcher, read_meta
 from uniformerv2_jax.training.state import create_train_state, state_shapes
@@ -49,20 +49,27 @@ def init_weights(config, cfg, mesh):
 
 
 class Writer:
-  """TensorBoard scalars from process 0 only (tf.summary: local paths and gs:// alike)."""
+  """TensorBoard scalars from process 0 only: a local folder through `events.EventFile`
+  (no TensorFlow), a bucket (gs://) through tf.summary and TensorFlow's own client."""
 
   def __init__(self, logdir: str):
-    self.tb = None
-    if jax.process_index() == 0:
-      import tensorflow as tf
-      tf.config.set_visible_devices([], "GPU")  # TensorFlow must not take GPU memory
-      from tensorflow.core.framework import summary_pb2
-      self.tf = tf
-      self.metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
-      self.metadata.plugin_data.plugin_name = "scalars"
-      self.tb = tf.summary.create_file_writer(logdir)
+    self.tb = self.file = None
+    if jax.process_index() != 0:
+      return
+    if not storage.is_url(logdir):
+      self.file = events.EventFile(logdir)
+      return
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow must not take GPU memory
+    from tensorflow.core.framework import summary_pb2
+    self.tf = tf
+    self.metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
+    self.metadata.plugin_data.plugin_name = "scalars"
+    self.tb = tf.summary.create_file_writer(logdir)
 
   def scalars(self, step: int, values: dict) -> None:
+    if self.file is not None:
+      self.file.scalars(step, values)
     if self.tb is not None:
       tf = self.tf
       with self.tb.as_default():
@@ -72,8 +79,9 @@ class Writer:
       self.tb.flush()
 
   def close(self):
-    if self.tb is not None:
-      self.tb.close()
+    for w in (self.file, self.tb):
+      if w is not None:
+        w.close()
 
 
 def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
