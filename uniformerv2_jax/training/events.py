@@ -1,10 +1,11 @@
 """TensorBoard scalars in event files, written without TensorFlow.
 
 A local run on data that needs no tf.data (fake data, benchmarks) then starts seconds sooner:
-importing TensorFlow only for its summary writer took 5-12 s of each launch on 2 cores. The records are
-what `tf.summary.write` writes for a float32 scalar with the "scalars" plugin's metadata (the
-same Event bytes but for the wall time), framed as TFRecords (length, masked CRC-32C, data,
-masked CRC-32C): TensorBoard and `tf.data.TFRecordDataset` read them as TensorFlow's own.
+importing TensorFlow only for its summary writer took 5-12 s of each launch on 2 cores. The
+records are what `tf.summary.write` writes for a float32 scalar with the "scalars" plugin's
+metadata (the same Event bytes but for the wall time), framed as TFRecords (length, masked
+CRC-32C, data, masked CRC-32C): TensorBoard and `tf.data.TFRecordDataset` read them as
+TensorFlow's own.
 """
 
 from __future__ import annotations
