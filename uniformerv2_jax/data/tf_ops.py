@@ -12,6 +12,19 @@ import tensorflow as tf
 
 from .spatial import AREA_RANGE, MAX_TRIES, RATIO_RANGE
 
+
+def keep_tensorflow_off_gpus() -> None:
+  """tf.data runs on the host: a TensorFlow built with CUDA (`tensorflow`, not the
+  `tensorflow-cpu` of requirements.txt) would otherwise claim most of every GPU's memory
+  when its first op runs. Too late once an op ran with a GPU visible; then nothing changes."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass
+
+
+keep_tensorflow_off_gpus()  # on import: the input pipeline and the TensorBoard writer load this
+
 __all__ = ["rrc_box_from_draws", "random_resized_crop_box", "decode_frames",
            "resize_uint8", "eval_views"]
 

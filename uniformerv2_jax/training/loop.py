@@ -60,8 +60,10 @@ class Writer:
       self.file = events.EventFile(logdir)
       return
     import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")  # TensorFlow must not take GPU memory
     from tensorflow.core.framework import summary_pb2
+
+    from uniformerv2_jax.data import tf_ops
+    tf_ops.keep_tensorflow_off_gpus()
     self.tf = tf
     self.metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
     self.metadata.plugin_data.plugin_name = "scalars"
