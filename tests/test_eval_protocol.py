@@ -220,6 +220,13 @@ def test_eval_scores_a_reordered_head_by_class_name(golden, dataset, tmp_path):
   with pytest.raises(EvalConfigError, match="the model has 9 classes but dataset evalprotocol "
                      "has 10. Evaluate it on the dataset it was trained for"):
     evaluate_checkpoint(c, nine, str(tmp_path / "y"), builder=dataset)
+  # A recipe's class count left on a dataset and model that agree: the setting is named.
+  c = _config()
+  c.dataset.num_classes = 400
+  with pytest.raises(EvalConfigError, match=r"config.dataset.num_classes is 400, but dataset "
+                     r"evalprotocol and the model \(.*\) have 10 classes: pass "
+                     r"--config.dataset.num_classes=10\."):
+    evaluate_checkpoint(c, ckpt, str(tmp_path / "z"), builder=dataset)
 
 
 def test_dataset_not_built_is_one_message(golden, tmp_path):

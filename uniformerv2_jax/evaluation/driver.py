@@ -121,6 +121,11 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
   model = load_pretrained(checkpoint, mesh=mesh, head_map=None if rows is None else
                           [int(r) for r in rows], **overrides)
   have = model.config.num_classes
+  stale = _get(config.dataset, "num_classes")
+  if stale and have == data_classes != stale:  # the recipe's count, another dataset's
+    raise EvalConfigError(f"config.dataset.num_classes is {stale}, but dataset "
+                          f"{config.dataset.name} and the model ({checkpoint}) have {have} "
+                          f"classes: pass --config.dataset.num_classes={have}.")
   hint = (" Set --config.eval.head_map=k400|k600|k700 to read a Kinetics-710 head." if have == 710
           else " Evaluate it on the dataset it was trained for.")
   for what, want in ((f"dataset {config.dataset.name} has", data_classes),
