@@ -132,7 +132,8 @@ def test_init_checkpoint_of_another_model(tmp_path):
   with pytest.raises(ConfigError, match="holds another model than config.model"):
     check(c, n_devices=1)
   c.init_from = str(tmp_path / "missing")
-  with pytest.raises(ConfigError, match="config.init_from"):
+  with pytest.raises(ConfigError, match=r"config.init_from: .*/missing: no such model directory\. "
+                     r"Convert the checkpoint the recipe starts from into it \(python -m convert"):
     check(c, n_devices=1)
 
 

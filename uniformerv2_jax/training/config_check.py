@@ -49,6 +49,11 @@ def _init_problems(config, cfg) -> list[str]:
   from uniformerv2_jax import checkpoint
   from uniformerv2_jax.checkpoint import CheckpointError
   from uniformerv2_jax.weights import flatten, weight_shapes
+  if not storage.exists(config.init_from):
+    return [f"config.init_from: {storage.absolute(config.init_from)}: no such model directory. "
+            "Convert the checkpoint the recipe starts from into it (python -m convert clip|"
+            "uniformerv2 --input FILE --model ... --output DIR; README, Training), or point "
+            "--config.init_from at a model directory or a training run"]
   try:
     stored = {k: tuple(s) for k, (s, _) in checkpoint.stored_shapes(config.init_from).items()}
   except CheckpointError as e:
