@@ -57,9 +57,10 @@ def run_child(args: list[str]) -> tuple[float, float]:
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--model", default="l14")
-  p.add_argument("--workdir", default="/tmp/convert_bench")
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="l14", help="preset whose shapes the checkpoint has")
+  p.add_argument("--workdir", default="/tmp/convert_bench",
+                 help="scratch folder for the checkpoint and the converted model")
   a = p.parse_args()
   os.makedirs(a.workdir, exist_ok=True)
   src = os.path.join(a.workdir, f"{a.model}.pyth")

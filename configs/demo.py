@@ -5,11 +5,12 @@ The class is the direction of motion and every single frame looks the same for e
 uses Local MHRA (temporal convolution) and the global blocks' 3-D positional encoding.
 The dataset is written and built under dataset.data_dir the first time.
 
-What makes it learnable in ~250 steps from scratch (measured; the 64 px / 24-frame defaults
+What makes it learnable in 240 steps from scratch (measured; the 64 px / 24-frame defaults
 with RandomResizedCrop stay at chance): 32 px / 8-frame videos whose shape is large (radius
 15-25% of the side) and moves 3-5 px a frame (about half a patch per sampled frame), no
 RandomResizedCrop zoom (eval sees the whole frame too), patch 8. Training sits near chance for
-~100 steps, then jumps to ~100% within ~20 steps.
+~100 steps, then climbs (validation top-1 in one run: 0.29 at step 96, 0.60 at 144, 0.95 at
+192, 1.00 at 240).
 """
 
 from configs.common import get_base_config

@@ -39,9 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class-name file (one name a line) or k400/k600/.../sthv2")
     p.add_argument("--short_side", type=int, default=None, help="default: the config's (320)")
     p.add_argument("--keep_size", action="store_true", help="store frames at the source size")
-    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--fps", type=float, default=None,
+                   help="resample every video to this frame rate (default: its own, capped at "
+                        "--max_fps)")
     p.add_argument("--max_fps", type=float, default=None, help="default: the config's (30)")
-    p.add_argument("--on_unknown_label", choices=("error", "skip"), default=None)
+    p.add_argument("--on_unknown_label", choices=("error", "skip"), default=None,
+                   help="a video whose label the classes lack: stop (default) or skip it "
+                        "(listed in skipped-<split>.tsv)")
     p.add_argument("--num_workers", type=int, default=None, help="default: all cores")
     p.add_argument("--num_shards", type=int, default=None, help="default: by size (TFDS)")
     p.add_argument("--overwrite", action="store_true")
