@@ -237,6 +237,11 @@ def test_dataset_not_built_is_one_message(golden, tmp_path):
                      r"there .* python -m uniformerv2_jax.data.build"):
     evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()  # no empty output folder left behind
+  c.dataset.name = "fake"
+  with pytest.raises(EvalConfigError, match=r"config.dataset.name=fake: random clips .* have no "
+                     r"videos to score; evaluate on a built dataset"):
+    evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
 def test_crop_size_and_clip_length_against_the_checkpoint(golden, dataset, tmp_path):

@@ -178,7 +178,12 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None, *,
   views all arrived are scored, and the summary records ``max_batches``.
   """
   from uniformerv2_jax import storage
+  from uniformerv2_jax.training.data_io import FAKE
   _check_views(config.eval)
+  if builder is None and config.dataset.name == FAKE:
+    raise EvalConfigError(f"config.dataset.name={FAKE}: random clips (for training benchmarks "
+                          "and tests) have no videos to score; evaluate on a built dataset "
+                          "(--config.dataset.name=NAME --config.dataset.data_dir=DIR)")
   created = []  # the folders this evaluation creates, deepest first
   if workdir is not None:
     workdir = storage.absolute(workdir)
