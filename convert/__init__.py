@@ -23,8 +23,10 @@ Log = Callable[[str], None]
 def _read_class_names(path: str | None) -> list[str] | None:
   if path is None:
     return None
-  if not storage.exists(path):  # a local path or a gs:// URL, as read_class_names_file reads
-    raise ConversionError(f"--class-names {path}: no such file")
+  from uniformerv2_jax.data.annotations import PACKAGED_LABEL_MAPS
+  if path not in PACKAGED_LABEL_MAPS and not storage.exists(path):  # local or gs://
+    raise ConversionError(f"--class-names {path}: no such file (nor a packaged list: "
+                          f"{'|'.join(PACKAGED_LABEL_MAPS)})")
   from uniformerv2_jax.heads import read_class_names_file
   return read_class_names_file(path)
 

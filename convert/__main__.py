@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a model field by its upstream name (repeatable), e.g. "
                         "t_size=16, return_list=[4,5,6,7,8,9,10,11], no_lmhra=false")
     s.add_argument("--output", required=True, help="model directory to create")
-    s.add_argument("--class-names", default=None, help="text file, one class name per line")
+    s.add_argument("--class-names", default=None,
+                   help="text file, one class name per line, or a packaged list: "
+                        "k400|k600|k700|k710|mit|sthv2")
     s.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling (can run code from the file; trusted files only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -198,6 +198,9 @@ def test_kinetics_head_class_names_by_layout(tmp_path, capsys):
                    "--output", str(tmp_path / "orig")]) == 0
   assert "that repository's order" in capsys.readouterr().out
   assert read_class_names(tmp_path / "orig") is None
+  assert cli_main(["uniformerv2", "--input", str(tmp_path / "k400.pyth"), "--model", model,
+                   "--class-names", "k400", "--output", str(tmp_path / "named")]) == 0
+  assert read_class_names(tmp_path / "named") == k400  # a packaged list, as data.build takes
   jax.tree.map(np.testing.assert_array_equal, restore_weights(tmp_path / "orig"),
                restore_weights(tmp_path / "mm"))  # the same weights either way
 

@@ -31,8 +31,12 @@ def parse_class_names(text: str) -> list[str]:
 
 
 def read_class_names_file(path) -> list[str]:
-  """The names in a class list file (local path or gs:// URL), one a line."""
+  """The names in a class list file (local path or gs:// URL), one a line, or of a packaged
+  list named as data.build's --classes names them (k400|k600|k700|k710|mit|sthv2)."""
   from uniformerv2_jax import storage
+  from uniformerv2_jax.data.annotations import PACKAGED_LABEL_MAPS
+  if os.fspath(path) in PACKAGED_LABEL_MAPS:
+    return builtin_class_names(os.fspath(path))
   try:
     return parse_class_names(storage.read_text(path))
   except FileNotFoundError:

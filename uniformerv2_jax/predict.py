@@ -100,7 +100,8 @@ def _parse(argv):
                  "its latest step, or WORKDIR/checkpoints/STEP)")
   p.add_argument("--top", type=int, default=5)
   p.add_argument("--json", action="store_true", help="one JSON object per video on stdout")
-  p.add_argument("--class-names", default=None, help="file with one class name per line")
+  p.add_argument("--class-names", default=None, help="file with one class name per line, or a "
+                 "packaged list: k400|k600|k700|k710|mit|sthv2")
   p.add_argument("--head-map", default=None, help="read a K710 head as k400|k600|k700|FILE")
   p.add_argument("--num-clips", type=int, default=4)
   p.add_argument("--num-crops", type=int, default=3, choices=(1, 3))
