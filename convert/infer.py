@@ -209,5 +209,6 @@ def resolve_config(model: str, sets: Mapping[str, Any], facts: Mapping[str, tupl
     merged["mlp_dropout"] = [merged["mlp_dropout"][0]] * n
   try:
     return model_config(None, **merged)
-  except ValueError as e:
-    raise ConversionError(f"{source}: {e}") from None
+  except ValueError as e:  # the config and the checkpoint's facts together
+    raise ConversionError(f"{source} with --model {model}{' and --set' if sets else ''}: "
+                          f"{e}") from None

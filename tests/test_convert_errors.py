@@ -129,6 +129,11 @@ def test_bad_arguments_get_one_line(tmp_path):
   err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
              "--set", "t_size=abc")
   assert "t_size='abc' is not an integer" in err
+  # What only the checkpoint's shapes decide names both sources
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+             "--set", "return_list=[2,9]")
+  assert (f"tiny_k400.pyth with --model {cfg} and --set: Invalid UniFormerV2 config: "
+          "return_list [2, 9] must lie in [0, 4)") in err, err
   names = tmp_path / "three.txt"
   names.write_text("a\nb\nc\n")
   err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
