@@ -41,7 +41,7 @@ TABLE = {
     "k400_l14_32f": (128, 1.5e-6, 1, 5, (4, 3)), "k400_l14_336_32f": (128, 1.5e-6, 1, 5, (4, 3)),
     "mit_b16": (512, 2e-5, 5, 24, (4, 3)), "mit_l14": (512, 1e-5, 5, 18, (4, 3)),
     "ssv2_b16_16f": (256, 4e-5, 5, 22, (1, 3)), "ssv2_l14_32f": (256, 2e-5, 5, 22, (1, 3)),
-    "frozen_l14_336": (512, 8e-4, 0, 50, (3, 1)),
+    "frozen_k710_l14_336_clip": (512, 8e-4, 0, 50, (3, 1)),
     "frozen_k600_l14_336_clip": (512, 8e-4, 0, 50, (3, 1)),
     "frozen_k400_l14_336_8f": (512, 5e-5, 1, 5, (3, 1)),
     "frozen_k700_l14_336_32f": (256, 5e-5, 1, 5, (3, 1)),
@@ -69,7 +69,7 @@ def test_family_settings():
   c = load("ssv2_l14_16f")
   assert not c.input.flip and c.input.num_samples == 2
   assert build_model_config(c).return_list == tuple(range(8, 24))
-  assert build_model_config(load("frozen_l14_336")).frozen
+  assert build_model_config(load("frozen_k710_l14_336_clip")).frozen
   clip = load("frozen_k700_l14_336_clip")
   assert build_model_config(clip).frozen and clip.dataset.name == "kinetics700"
   assert clip.init_new_head and clip.init_from == "pretrained/clip_l14_336"
