@@ -246,7 +246,9 @@ def _default_class_names(layout: str, num_classes: int, log: Log) -> list[str] |
   log(f"note: no class names written. The original repository's {num_classes}-way heads list "
       f"their classes in that repository's order, not mmaction2's label_map_{name}.txt (the "
       "order of the built-in Kinetics datasets); pass --class-names with the list this head "
-      "was trained with, and eval.py will match its classes to the dataset's by name.")
+      "was trained with, and eval.py will match its classes to the dataset's by name. Where "
+      "mmaction2 ported the model, its .pth holds the same head in label_map order and "
+      "converts with those names.")
   return None
 
 

@@ -109,8 +109,8 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
           f"cannot check that head row i is the dataset's class i (the original repository's "
           "Kinetics heads, for one, list their classes in another order). Give it the class "
           "list its head was trained with (`python -m convert uniformerv2 ... --class-names "
-          "FILE`), or, if row i is the dataset's class i, pass "
-          "--config.eval.match_class_names=False.")
+          "FILE`; mmaction2's port of a Kinetics model converts with its names), or, if row i "
+          "is the dataset's class i, pass --config.eval.match_class_names=False.")
     order = match_classes(names, data_names, checkpoint)
     if order is not None and jax.process_index() == 0:
       log(f"eval: {checkpoint} lists the dataset's {len(order)} classes in another order; its "
