@@ -142,6 +142,10 @@ def test_unwritable_workdir_stops_before_anything(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(ConfigError, match=r"--workdir .*file/run: cannot write there"):
     train_and_evaluate(tiny(), str(tmp_path / "file" / "run"))
+  c = tiny()
+  c.train.tensorboard_dir = str(tmp_path / "file" / "tb")
+  with pytest.raises(ConfigError, match=r"config.train.tensorboard_dir .*file/tb: cannot write"):
+    train_and_evaluate(c, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("head", [3, 6])

@@ -187,10 +187,13 @@ def train_and_evaluate(config, workdir: str,
   t0 = time.time()
   workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
-  try:
-    storage.ensure_writable_by_process_0(workdir)
-  except PermissionError as e:
-    raise config_check.ConfigError(f"--workdir {e}") from None
+  for flag, folder in (("--workdir", workdir),
+                       ("config.train.tensorboard_dir", config.train.tensorboard_dir)):
+    try:
+      if folder:
+        storage.ensure_writable_by_process_0(storage.absolute(folder))
+    except PermissionError as e:
+      raise config_check.ConfigError(f"{flag} {e}") from None
   cfg = build_model_config(config)
   tc = config.train
   mesh = make_mesh(config)
