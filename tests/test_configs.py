@@ -148,6 +148,25 @@ def test_unwritable_workdir_stops_before_anything(tmp_path):
     train_and_evaluate(c, str(tmp_path / "run"))
 
 
+def test_a_model_directory_is_no_workdir(tmp_path):
+  """Training into a converted model directory would put a run beside the model that readers
+  of the folder take: refused; a folder that holds both is named, not read as either."""
+  from flax import nnx
+  from uniformerv2_jax import checkpoint
+  from uniformerv2_jax.model import UniFormerV2
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  c = tiny()
+  model_dir = checkpoint.save_pretrained(str(tmp_path / "m"), UniFormerV2(
+      build_model_config(c), rngs=nnx.Rngs(0)))
+  with pytest.raises(ConfigError, match=rf"--workdir {model_dir} is a model directory "
+                     rf"\(config.json\).* pass --config.init_from={model_dir}$"):
+    train_and_evaluate(c, model_dir)
+  assert sorted(os.listdir(model_dir)) == ["config.json", "weights"]
+  os.mkdir(os.path.join(model_dir, "checkpoints"))
+  with pytest.raises(checkpoint.CheckpointError, match="holds both a model directory"):
+    checkpoint.load_pretrained(model_dir)
+
+
 @pytest.mark.parametrize("head", [3, 6])
 def test_dataset_and_head_of_other_sizes(tmp_path, head):
   """Labels the head has no row for (they made the loss NaN), or rows no label reaches (a

@@ -220,7 +220,12 @@ def _source(directory: str) -> tuple[str, str]:
   A training checkpoint is `WORKDIR` (its latest step) or `WORKDIR/checkpoints/STEP`.
   """
   directory = storage.absolute(directory)
-  if not storage.exists(os.path.join(directory, CONFIG_FILE)):
+  if storage.exists(os.path.join(directory, CONFIG_FILE)):
+    if storage.exists(os.path.join(directory, "checkpoints")):
+      raise CheckpointError(f"{directory} holds both a model directory ({CONFIG_FILE}, "
+                            f"{WEIGHTS_DIR}/) and a training run (checkpoints/): name one, "
+                            "e.g. the run's DIR/checkpoints/STEP, or move the other out")
+  else:
     from uniformerv2_jax.training.checkpointing import step_directory
     step_dir = step_directory(directory)
     if step_dir is not None:

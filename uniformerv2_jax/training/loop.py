@@ -187,6 +187,12 @@ def train_and_evaluate(config, workdir: str,
   t0 = time.time()
   workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
+  from uniformerv2_jax.checkpoint import CONFIG_FILE
+  if storage.exists(os.path.join(workdir, CONFIG_FILE)):
+    raise config_check.ConfigError(
+        f"--workdir {workdir} is a model directory ({CONFIG_FILE}): its checkpoints would sit "
+        "beside that model, which readers of the folder take. Train in another folder; to start "
+        f"from these weights, pass --config.init_from={workdir}")
   for flag, folder in (("--workdir", workdir),
                        ("config.train.tensorboard_dir", config.train.tensorboard_dir)):
     try:
