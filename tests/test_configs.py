@@ -180,6 +180,12 @@ def test_dataset_and_head_of_other_sizes(tmp_path, head):
   with pytest.raises(ConfigError, match=r"dataset synthetic \(.*\) has 4 classes \(labels 0..3\)"
                      rf" but config.model.num_classes={head}; set --config.model.num_classes=4"):
     train_and_evaluate(c, str(tmp_path / "run"))
+  if head == 3:  # and a shard lost from the dataset is named before anything else
+    (shard,) = glob.glob(str(tmp_path / "tfds" / "**" / "*-train.array_record-*"), recursive=True)
+    os.remove(shard)
+    with pytest.raises(ConfigError, match=rf"config.dataset: .* the train split cannot be read: "
+                       rf"{os.path.basename(shard)} is missing or damaged"):
+      train_and_evaluate(c, str(tmp_path / "run"))
 
 
 def test_train_py_reports_bad_config_without_traceback(tmp_path):

@@ -3,6 +3,7 @@ the per-video scores of the upstream protocol run by hand (recipes.md): test-mod
 indices, short-side resize, ThreeCrop, softmax mean over clips x crops."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -313,3 +314,31 @@ def test_failed_evaluation_removes_the_folders_it_created(golden, tmp_path):
   with pytest.raises(EvalConfigError):
     evaluate_checkpoint(c, golden[1], str(tmp_path / "eval" / "a" / "out"))
   assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_damaged_dataset_is_named_not_read(golden, dataset, tmp_path):
+  """A copy of a dataset whose shard is missing or cut short, or whose description is garbled:
+  one error naming the folder and the file, before any model is loaded or output written."""
+  import shutil
+  from uniformerv2_jax.evaluation.driver import EvalConfigError, evaluate_checkpoint
+  src = os.fspath(dataset.data_dir)
+  shard = next(f for f in os.listdir(src) if ".array_record-" in f)
+
+  def cut(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+  for name, damage, match in (
+      ("missing", lambda d: os.remove(d / shard), rf"{shard} is missing or damaged \(open"),
+      ("cut", lambda d: cut(d / shard), rf"{shard} is missing or damaged \("),
+      ("garbled", lambda d: (d / "dataset_info.json").write_text("{garbage"),
+       r"description files .* cannot be read \(ParseError")):
+    copy = tmp_path / name / "video_classification" / "evalprotocol" / "1.0.0"
+    shutil.copytree(src, copy)
+    damage(copy)
+    c = _config()
+    c.dataset.data_dir = str(tmp_path / name)
+    with pytest.raises(EvalConfigError, match=rf"config.dataset: {copy}.*{match}.*Copy the "
+                       r"dataset folder again if it was copied, else rebuild it"):
+      evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

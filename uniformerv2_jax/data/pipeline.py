@@ -49,7 +49,14 @@ def load_builder(data_dir_or_builder):
         raise ValueError(f"{root}: expected exactly one built dataset (a folder with "
                          f"dataset_info.json) below it, found {len(found)}: {found[:5]}; pass "
                          "the versioned dataset folder or the builder itself")
-    return tfds.builder_from_directory(found[0])
+    try:
+        return tfds.builder_from_directory(found[0])
+    except Exception as e:  # noqa: BLE001  (protobuf's ParseError, json's, a missing file)
+        raise ValueError(
+            f"{found[0]}: the dataset's description files (dataset_info.json, features.json) "
+            f"cannot be read ({type(e).__name__}: {str(e)[:200]}). Copy the dataset folder "
+            "again if it was copied, else rebuild it: python -m uniformerv2_jax.data.build ... "
+            "--overwrite") from None
 
 
 def steps_per_epoch(num_videos: int, per_host_batch: int, num_samples: int = 1,

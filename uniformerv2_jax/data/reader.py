@@ -10,13 +10,33 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from tensorflow.core.example import example_pb2
 
 from .sampling import uniform_sample
 
 __all__ = ["StoredVideos"]
+
+
+def _open(builder, split: str, paths: list[str]) -> ArrayRecordDataSource:
+    try:
+        return ArrayRecordDataSource(paths)
+    except RuntimeError as e:
+        bad = next((p for p in paths if not _opens(p)), None)
+        detail = (str(e).strip() or "unreadable").splitlines()[0][:200]
+        raise ValueError(
+            f"{builder.data_dir}: the {split} split cannot be read: "
+            f"{os.path.basename(bad) if bad else 'one of its files'} is missing or damaged "
+            f"({detail}). Copy the dataset folder again if it was copied, else rebuild it: "
+            "python -m uniformerv2_jax.data.build ... --overwrite") from None
+
+
+def _opens(path: str) -> bool:
+    try:
+        ArrayRecordDataSource([path])
+        return True
+    except RuntimeError:
+        return False
 
 
 class StoredVideos:
@@ -30,11 +50,13 @@ class StoredVideos:
         if split not in builder.info.splits:
             raise ValueError(f"{builder.data_dir}: no split {split!r}; have "
                              f"{list(builder.info.splits)}")
-        self.records = builder.as_data_source(
-            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        # The split's shards in order, as tfds' data source reads them (raw bytes); opened now
+        # (each file's footer), so a missing or cut-short file is named before any batch.
+        self.records = _open(builder, split, [os.fspath(p) for p in
+                                              builder.info.splits[split].filepaths])
         files = (builder.info.metadata or {}).get(f"frame_files_{split}")
-        self.store = ArrayRecordDataSource(
-            [os.path.join(os.fspath(builder.data_dir), f) for f in files]) if files else None
+        self.store = _open(builder, split, [os.path.join(os.fspath(builder.data_dir), f)
+                                            for f in files]) if files else None
 
     def __len__(self) -> int:
         return len(self.records)

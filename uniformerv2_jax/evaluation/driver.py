@@ -209,7 +209,8 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   from uniformerv2_jax import data
   from uniformerv2_jax.checkpoint import read_config, resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
-  from uniformerv2_jax.training.data_io import num_classes, stored_short_side, upscale_note
+  from uniformerv2_jax.training.data_io import (check_readable, num_classes, stored_short_side,
+                                                upscale_note)
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))
@@ -218,6 +219,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
       from uniformerv2_jax.training.data_io import source
       builder = source(config)
     builder = data.load_builder(builder)
+    check_readable(builder, config.dataset.eval_split)
   except ValueError as e:
     raise EvalConfigError(f"config.dataset: {e}") from None
   checkpoint = resolve(checkpoint)  # the step scored is the step the summary names

@@ -49,6 +49,15 @@ def source(config):
   return data.load_builder(dataset_dir(config))
 
 
+def check_readable(builder, *splits: str) -> None:
+  """Opens every file of the splits (their footers), so that a missing or cut-short file stops
+  the job with its name before anything is compiled or written; nothing without a builder."""
+  from uniformerv2_jax import data
+  if builder is not None:
+    for split in splits:
+      data.StoredVideos(builder, split)
+
+
 def num_classes(builder) -> int | None:
   """The size of the dataset's label space (None without a builder)."""
   return None if builder is None else int(builder.info.features["label"].num_classes)

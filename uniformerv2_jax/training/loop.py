@@ -206,7 +206,8 @@ def train_and_evaluate(config, workdir: str,
   pc = jax.process_count()
   try:
     builder = None if config.dataset.name == data_io.FAKE else data_io.source(config)
-  except ValueError as e:  # no built dataset in the folder, or several
+    data_io.check_readable(builder, config.dataset.train_split, config.dataset.eval_split)
+  except ValueError as e:  # no built dataset in the folder, several, or files missing
     raise config_check.ConfigError(f"config.dataset: {e}") from None
   data_io.check_classes(config, builder)
   note = data_io.upscale_note(config, builder, "train")
