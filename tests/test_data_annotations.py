@@ -52,6 +52,33 @@ def test_missing_files_are_named(tmp_path):
         ann.load_class_names(str(tmp_path / "nope.txt"))
 
 
+def test_byte_order_marks_are_not_part_of_the_first_name(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM: it must not glue onto the first path,
+    which then reads as missing, nor onto the first class name."""
+    (tmp_path / "l.txt").write_text("\ufeffa/x.mp4 0\nb.mp4 1\n", encoding="utf-8")
+    entries, _ = ann.parse_list(tmp_path / "l.txt", NAMES, "/videos")
+    assert [e.path for e in entries] == ["/videos/a/x.mp4", "/videos/b.mp4"]
+    (tmp_path / "c.csv").write_text("\ufeffpath,label\nv1.mp4,1\n", encoding="utf-8")
+    assert [e.name for e in ann.parse_list(tmp_path / "c.csv", NAMES)[0]] == ["v1.mp4"]
+    (tmp_path / "names.txt").write_text("\ufeff" + "\n".join(NAMES) + "\n", encoding="utf-8")
+    assert ann.load_class_names(str(tmp_path / "names.txt")) == NAMES
+
+
+def test_class_files_whose_lines_are_not_the_class_ids_are_named(tmp_path):
+    dup = write(tmp_path, "dup.txt", "a\nb\na\nc\nb\n")
+    with pytest.raises(ann.AnnotationError, match=r"dup.txt.* are not unique: 'a' \(lines 1 and 3\), "
+                       r"'b' \(lines 2 and 5\)"):
+        ann.load_class_names(str(dup))
+    blank = write(tmp_path, "blank.txt", "a\n\nb\n\n")
+    with pytest.raises(ann.AnnotationError, match=r"blank.txt.*: line 2 is blank; class ids are "
+                       r"line numbers"):
+        ann.load_class_names(str(blank))
+    assert ann.load_class_names(str(write(tmp_path, "ok.txt", "a\nb\n\n"))) == ["a", "b"]
+    with pytest.raises(ann.AnnotationError, match=r"not found: k401 \(nor a packaged list: "
+                       r"k400\|k600"):
+        ann.load_class_names("k401")
+
+
 def test_empty_and_binary_files_are_named(tmp_path):
     """A list with no entries, or a binary file given as a list or class names: one message
     naming the file (not TFDS's "no examples were yielded" or a bare codec error)."""

@@ -48,16 +48,25 @@ def load_class_names(source) -> list[str]:
         names = packaged_label_map(source).read_text(encoding="utf-8").splitlines()
     else:
         try:
-            with open(os.fspath(source), encoding="utf-8") as f:
+            with open(os.fspath(source), encoding="utf-8-sig") as f:
                 names = f.read().splitlines()
         except FileNotFoundError:
-            raise AnnotationError(f"class-name file not found: {source}") from None
+            raise AnnotationError(f"class-name file not found: {source} (nor a packaged list: "
+                                  f"{'|'.join(PACKAGED_LABEL_MAPS)})") from None
         except (UnicodeDecodeError, IsADirectoryError) as e:
             raise AnnotationError(f"class-name file {source}: not a text file of class names, "
                                   f"one a line ({type(e).__name__})") from None
-    names = [n.strip() for n in names if n.strip()]
-    if len(set(names)) != len(names):
-        raise AnnotationError(f"class names in {source!r} are not unique")
+    names = [n.strip() for n in names]
+    while names and not names[-1]:
+        names.pop()  # trailing blank lines
+    if "" in names:  # line i is class i: a blank line would shift every class after it
+        raise AnnotationError(f"class names in {source!r}: line {names.index('') + 1} is blank; "
+                              "class ids are line numbers, so remove it (or name the class)")
+    seen: dict[str, int] = {}
+    twice = [f"{n!r} (lines {seen[n] + 1} and {i + 1})" for i, n in enumerate(names)
+             if seen.setdefault(n, i) != i]
+    if twice:
+        raise AnnotationError(f"class names in {source!r} are not unique: " + ", ".join(twice[:5]))
     if not names:
         raise AnnotationError(f"no class names in {source!r}")
     return names
@@ -104,7 +113,7 @@ def parse_list(path, class_names: Sequence[str], video_root="", *, fmt: str = "a
     if not os.path.isfile(path):
         raise AnnotationError(f"annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [(i + 1, ln.strip()) for i, ln in enumerate(f)]
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not a text annotation list ({e})") from None
@@ -154,7 +163,7 @@ def parse_ssv2_json(path, class_names: Sequence[str], video_root="", *, ext: str
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             items = json.load(f)
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {path}") from None
@@ -190,7 +199,7 @@ def kinetics_id(name: str) -> str:
 def read_ids(path) -> set[str]:
     """YouTube ids in a Kinetics list: mmaction2 list, path CSV or official ``youtube_id`` CSV."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if r]
     if rows and "youtube_id" in rows[0]:
         col = rows[0].index("youtube_id")
