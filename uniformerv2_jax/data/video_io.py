@@ -41,6 +41,10 @@ def _open(path):
     if not container.streams.video:
         container.close()
         raise VideoDecodeError(path, "has no video stream")
+    fmt = container.format.name  # FFmpeg reads still images as one-frame "videos"
+    if fmt == "image2" or fmt.endswith("_pipe"):
+        container.close()
+        raise VideoDecodeError(path, f"an image ({fmt.removesuffix('_pipe')}), not a video")
     return container
 
 
