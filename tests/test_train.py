@@ -88,6 +88,22 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert str(summary["steps"]) in os.listdir(tmp_path / "checkpoints")
 
 
+def test_a_first_ctrl_c_saves_like_sigterm_a_second_stops_at_once(capfd):
+  """Ctrl-C on a workstation: the first sets the flag SIGTERM sets (save after this step, then
+  stop; the loop's side is the SIGTERM test above), the second raises KeyboardInterrupt; after
+  the loop the handlers are what they were."""
+  from uniformerv2_jax.training.checkpointing import PreemptionWatcher
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with PreemptionWatcher() as watcher:
+    assert not watcher.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watcher.reached(2)
+    assert "Interrupted (Ctrl-C): the run saves after this step" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_preemption_at_an_eval_step_saves_first_and_evaluates_on_resume(tmp_path, capsys,
                                                                          monkeypatch):
   """A grace period is short: the save comes before a (long) evaluation, which the resumed

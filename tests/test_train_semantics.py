@@ -234,7 +234,7 @@ def test_a_resumed_checkpoint_is_not_vouched_for_before_its_loss(tmp_path):
   uninterrupted run."""
   from uniformerv2_jax.training import loop
 
-  class PreemptedAfterStep2:
+  class PreemptedAfterStep2(loop.PreemptionWatcher):
     def reached(self, step):
       return step == 2
 

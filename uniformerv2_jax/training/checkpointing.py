@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import threading
 
 import jax
@@ -111,16 +112,32 @@ class Checkpointer:
 
 
 class PreemptionWatcher:
-  """Set by SIGTERM (single process) or by JAX's preemption notice (multi-host)."""
+  """Set by SIGTERM or a first Ctrl-C (single process) or by JAX's preemption notice
+  (multi-host). A context manager: the signal handlers live while the training loop runs."""
 
   def __init__(self):
     self._flag = threading.Event()
     self._multi = jax.process_count() > 1
+    self._previous = {}
+
+  def __enter__(self):
     if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      if handler is not None:  # None: installed outside Python, cannot be put back
+        signal.signal(sig, handler)
+    self._previous = {}
 
   def _handler(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+      print("Interrupted (Ctrl-C): the run saves after this step and stops; Ctrl-C again stops "
+            "at once, losing the steps since the last checkpoint", file=sys.stderr, flush=True)
     self._flag.set()
 
   def reached(self, step: int) -> bool:

@@ -246,7 +246,6 @@ def train_and_evaluate(config, workdir: str,
   p_eval = jit_eval_step(make_eval_step(mdef), shardings["params"], shardings["batch_stats"],
                          dict(setup.batch_shardings, mask=shd.batch_sharding(mesh, 1)), mesh)
   writer = Writer(storage.absolute(tc.tensorboard_dir or os.path.join(workdir, "tensorboard")))
-  preempt = PreemptionWatcher()
   log(f"{cfg.layers}-layer UniFormerV2 width {cfg.width}, {total_steps} steps "
       f"({steps_per_epoch}/epoch), global batch {tc.global_batch_size}, mesh "
       f"{dict(mesh.shape)}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
@@ -280,64 +279,65 @@ def train_and_evaluate(config, workdir: str,
   tick, tick_step = time.time(), start
   waited, waited_at_tick, hinted = 0.0, 0.0, False  # seconds blocked on the input pipeline
   step = start
-  while step < total_steps:
-    t_in = time.time()
-    host_batch = next(train_iter)
-    waited += time.time() - t_in
-    batch = data_io.to_global(host_batch, mesh)
-    state, metrics = p_train(state, batch)
-    step += 1
-    if step == start + 1:  # compilation is not a step time
-      jax.block_until_ready(metrics)
-      log(f"compiled and ran step {step} in {time.time() - tick:.1f}s")
-      tick, tick_step, waited_at_tick = time.time(), step, waited
-    is_eval = _eval_due(step, eval_every, total_steps)
-    is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
-    preempted = preempt.reached(step)
-    if step % tc.log_every_steps == 0 or is_ckpt or preempted:
-      m = jax.device_get(metrics)
-      if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
-        ckpt.wait()
-        raise _diverged(m, step, vouched, ckpt, workdir)
-      vouched = ckpt.latest_step()
-      line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
-              f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
-      scalars = {"train/" + k: v for k, v in m.items()}
-      hint = None
-      if step > tick_step:  # no time yet for the step that compiled
-        now = time.time()
-        dt = (now - tick) / (step - tick_step)
-        input_share = (waited - waited_at_tick) / max(now - tick, 1e-9)
-        tick, tick_step, waited_at_tick = now, step, waited
-        line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
-        if peak:
-          scalars["perf/mfu"] = flops / dt / (peak * jax.device_count())
-          line += f" MFU {scalars['perf/mfu']:.1%}"
-        line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
-        scalars["perf/clips_per_s"] = tc.global_batch_size / dt
-        scalars["perf/input_wait_fraction"] = input_share
-        if input_share > 0.9 and not hinted:  # dispatch is asynchronous: waits for input
-          # overlap device work until the input takes about as long as the step
-          hinted, hint = True, _input_hint(config, input_share)
-      log(line)
-      if hint:
-        log(hint)
-      writer.scalars(step, scalars)
-    ev, paused = None, time.time()  # evaluation and saving do not count as step time
-    if is_eval and preempted:  # save within the grace period; the resumed run evaluates
-      log(f"Preemption signal: saving step {step} first; its evaluation runs on resume")
-    elif is_eval:
-      ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
-      best, best_step = _record_eval(ev, step, history, best, best_step, writer)
-    if is_ckpt or preempted:
-      meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
-                  best_step=best_step)
-      ckpt.keep_best(best_step)
-      ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
-    tick += time.time() - paused
-    if preempted:
-      log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
-      break
+  with PreemptionWatcher() as preempt:  # SIGTERM, and Ctrl-C, save and stop
+    while step < total_steps:
+      t_in = time.time()
+      host_batch = next(train_iter)
+      waited += time.time() - t_in
+      batch = data_io.to_global(host_batch, mesh)
+      state, metrics = p_train(state, batch)
+      step += 1
+      if step == start + 1:  # compilation is not a step time
+        jax.block_until_ready(metrics)
+        log(f"compiled and ran step {step} in {time.time() - tick:.1f}s")
+        tick, tick_step, waited_at_tick = time.time(), step, waited
+      is_eval = _eval_due(step, eval_every, total_steps)
+      is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
+      preempted = preempt.reached(step)
+      if step % tc.log_every_steps == 0 or is_ckpt or preempted:
+        m = jax.device_get(metrics)
+        if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
+          ckpt.wait()
+          raise _diverged(m, step, vouched, ckpt, workdir)
+        vouched = ckpt.latest_step()
+        line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
+                f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
+        scalars = {"train/" + k: v for k, v in m.items()}
+        hint = None
+        if step > tick_step:  # no time yet for the step that compiled
+          now = time.time()
+          dt = (now - tick) / (step - tick_step)
+          input_share = (waited - waited_at_tick) / max(now - tick, 1e-9)
+          tick, tick_step, waited_at_tick = now, step, waited
+          line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
+          if peak:
+            scalars["perf/mfu"] = flops / dt / (peak * jax.device_count())
+            line += f" MFU {scalars['perf/mfu']:.1%}"
+          line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
+          scalars["perf/clips_per_s"] = tc.global_batch_size / dt
+          scalars["perf/input_wait_fraction"] = input_share
+          if input_share > 0.9 and not hinted:  # dispatch is asynchronous: waits for input
+            # overlap device work until the input takes about as long as the step
+            hinted, hint = True, _input_hint(config, input_share)
+        log(line)
+        if hint:
+          log(hint)
+        writer.scalars(step, scalars)
+      ev, paused = None, time.time()  # evaluation and saving do not count as step time
+      if is_eval and preempted:  # save within the grace period; the resumed run evaluates
+        log(f"Preemption signal: saving step {step} first; its evaluation runs on resume")
+      elif is_eval:
+        ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
+        best, best_step = _record_eval(ev, step, history, best, best_step, writer)
+      if is_ckpt or preempted:
+        meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
+                    best_step=best_step)
+        ckpt.keep_best(best_step)
+        ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
+      tick += time.time() - paused
+      if preempted:
+        log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
+        break
   ckpt.close()
   writer.close()
   summary = {"final_top1": history[-1]["top1"] if history else None, "best_top1": best,
