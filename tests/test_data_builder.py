@@ -236,6 +236,20 @@ def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert code == 2 and "simulated failure" in err and "left unchanged" in err, err
     assert moved_aside and _files(dataset) == before  # it was moved aside, and came back
+    interrupted = []
+
+    def ctrl_c(src, dst):  # Ctrl-C between the swap's two moves
+        if ".rebuild-" in str(src) and ".rebuild-" not in str(dst) and not interrupted:
+            interrupted.append(src)
+            raise KeyboardInterrupt
+        os.replace(src, dst)
+
+    monkeypatch.setattr(builder_module.os, "rename", ctrl_c)
+    code, err = _list_build(tmp_path, *root, "--overwrite")
+    monkeypatch.undo()
+    assert code == 130 and interrupted, err
+    assert "interrupted: nothing was built (an earlier build of this dataset is untouched)" in err
+    assert "Traceback" not in err and _files(dataset) == before
     from uniformerv2_jax.data.build import main
     missing = tmp_path / "missing"
     assert main(["--config", "synthetic", "--manual_dir", str(missing), "--data_dir",

@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # AnnotationError, BuildError, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the build writes beside the dataset and swaps it in at the end
+        print("interrupted: nothing was built (an earlier build of this dataset is untouched); "
+              "run the command again to build it", file=sys.stderr)
+        return 130
     if existing and not args.overwrite:
         print(f"note: {existing} was already built; it is reused as it is, not read again from "
               "the lists (pass --overwrite to rebuild it)", file=sys.stderr)
