@@ -238,6 +238,10 @@ def test_dataset_not_built_is_one_message(golden, tmp_path):
                      r"there .* python -m uniformerv2_jax.data.build"):
     evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()  # no empty output folder left behind
+  (tmp_path / "tfds" / "video_classification" / "evalprotocol_short336").mkdir(parents=True)
+  with pytest.raises(EvalConfigError, match=r"no built dataset there .* Built there under other "
+                     r"names: evalprotocol_short336 \(pass --config.dataset.name=NAME"):
+    evaluate_checkpoint(c, golden[1], str(tmp_path / "out"))
   c.dataset.name = "fake"
   with pytest.raises(EvalConfigError, match=r"config.dataset.name=fake: random clips .* have no "
                      r"videos to score; evaluate on a built dataset"):

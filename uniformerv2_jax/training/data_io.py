@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from uniformerv2_jax import sharding as shd
+from uniformerv2_jax import storage
 
 FAKE = "fake"
 
@@ -46,7 +47,23 @@ def source(config):
     builder = on_process_0(prepare, ValueError(
         f"{d.data_dir}: process 0 could not build the synthetic dataset (its log says why)"))
     return prepare() if builder is None else builder
-  return data.load_builder(dataset_dir(config))
+  try:
+    return data.load_builder(dataset_dir(config))
+  except ValueError as e:
+    raise ValueError(f"{e}{_built_variants(config)}") from None
+
+
+def _built_variants(config) -> str:
+  """A hint naming the datasets built from the same lists with other frame settings
+  (`kinetics400_short336`, ...), which data.build names apart."""
+  d = config.dataset
+  parent = os.path.join(os.fspath(d.data_dir), d.builder)
+  try:
+    names = sorted(n for n in storage.listdir(parent) if n.startswith(f"{d.name}_"))
+  except OSError:
+    return ""
+  return (f". Built there under other names: {', '.join(names[:5])} (pass "
+          "--config.dataset.name=NAME to use one)") if names else ""
 
 
 def check_readable(builder, *splits: str) -> None:
