@@ -194,6 +194,23 @@ def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_folders_of_killed_builds_are_named_not_deleted(tmp_path):
+    """A build killed outright (no Python cleanup) leaves TFDS's incomplete.* folder, a killed
+    rebuild its .rebuild-* folder: the next build names them and leaves them be."""
+    write_video(tmp_path / "v0.mp4", np.full((4, 16, 16, 3), 40, np.uint8))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    (tmp_path / "train.txt").write_text("v0.mp4 0\n")
+    root = ["--video_root", str(tmp_path)]
+    killed = tmp_path / "tfds" / "video_classification" / "mine" / "incomplete.ABC123_1.0.0"
+    killed.mkdir(parents=True)
+    code, err = _list_build(tmp_path, *root)
+    assert code == 0 and f"holds 1 unfinished build(s) ({killed.name})" in err, err
+    (tmp_path / "tfds" / ".rebuild-xyz").mkdir()
+    code, err = _list_build(tmp_path, *root, "--overwrite")
+    assert code == 0 and "holds 1 unfinished build(s) (.rebuild-xyz)" in err, err
+    assert killed.is_dir() and (tmp_path / "tfds" / ".rebuild-xyz").is_dir()
+
+
 def test_overwrite_swaps_in_a_complete_rebuild_only(tmp_path, monkeypatch):
     """--overwrite: a rebuild that fails leaves the old dataset byte for byte; one that
     succeeds replaces it; each error is one line naming what to fix."""

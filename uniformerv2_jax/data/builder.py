@@ -386,8 +386,19 @@ def build_dataset(data_dir, config: VideoConfig | str, *, manual_dir=None,
                          "config needs)")
     if overwrite and built:
         return _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards)
+    if not built:
+        _note_unfinished(os.path.dirname(final), "incomplete.")
     _prepare(builder, manual_dir, num_shards)
     return builder
+
+
+def _note_unfinished(folder: str, prefix: str) -> None:
+    """Names the folders an interrupted (killed) build left in ``folder``; never deletes them."""
+    stale = sorted(n for n in os.listdir(folder) if n.startswith(prefix)) \
+        if os.path.isdir(folder) else []
+    if stale:
+        print(f"note: {folder} holds {len(stale)} unfinished build(s) ({', '.join(stale)}) from "
+              "an interrupted run; delete them to free the space", file=sys.stderr)
 
 
 def _prepare(builder, manual_dir, num_shards) -> None:
@@ -398,10 +409,7 @@ def _prepare(builder, manual_dir, num_shards) -> None:
 
 def _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards):
     """Builds into a temporary TFDS root in ``data_dir``, then swaps the version folder."""
-    stale = [n for n in os.listdir(data_dir) if n.startswith(".rebuild-")]
-    if stale:
-        print(f"note: {data_dir} holds {len(stale)} unfinished rebuild(s) ({', '.join(stale)}) "
-              "from an interrupted run; delete them to free the space", file=sys.stderr)
+    _note_unfinished(data_dir, ".rebuild-")
     tmp = tempfile.mkdtemp(prefix=".rebuild-", dir=data_dir)
     old = os.path.join(tmp, "previous")
     try:
