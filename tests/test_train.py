@@ -93,15 +93,25 @@ def test_a_first_ctrl_c_saves_like_sigterm_a_second_stops_at_once(capfd):
   stop; the loop's side is the SIGTERM test above), the second raises KeyboardInterrupt; after
   the loop the handlers are what they were."""
   from uniformerv2_jax.training.checkpointing import PreemptionWatcher
-  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-  with PreemptionWatcher() as watcher:
-    assert not watcher.reached(1)
-    os.kill(os.getpid(), signal.SIGINT)
-    assert watcher.reached(2)
-    assert "Interrupted (Ctrl-C): the run saves after this step" in capfd.readouterr().err
-    with pytest.raises(KeyboardInterrupt):
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+  try:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with PreemptionWatcher() as watcher:
+      assert not watcher.reached(1)
       os.kill(os.getpid(), signal.SIGINT)
-  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+      assert watcher.reached(2)
+      assert "Interrupted (Ctrl-C): the run saves after this step" in capfd.readouterr().err
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    # A job started with Ctrl-C ignored (in the background) keeps ignoring it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with PreemptionWatcher() as watcher:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert not watcher.reached(3)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, inherited)
 
 
 def test_preemption_at_an_eval_step_saves_first_and_evaluates_on_resume(tmp_path, capsys,

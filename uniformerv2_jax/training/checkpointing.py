@@ -123,6 +123,8 @@ class PreemptionWatcher:
   def __enter__(self):
     if not self._multi and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+          continue  # Ctrl-C ignored (a background job) or handled by the caller: left so
         self._previous[sig] = signal.signal(sig, self._handler)
     return self
 
