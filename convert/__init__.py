@@ -23,12 +23,11 @@ Log = Callable[[str], None]
 def _read_class_names(path: str | None) -> list[str] | None:
   if path is None:
     return None
-  from uniformerv2_jax.data.annotations import PACKAGED_LABEL_MAPS
-  if path not in PACKAGED_LABEL_MAPS and not storage.exists(path):  # local or gs://
-    raise ConversionError(f"--class-names {path}: no such file (nor a packaged list: "
-                          f"{'|'.join(PACKAGED_LABEL_MAPS)})")
   from uniformerv2_jax.heads import read_class_names_file
-  return read_class_names_file(path)
+  try:
+    return read_class_names_file(path)  # a local path, a gs:// URL or a packaged list
+  except ValueError as e:
+    raise ConversionError(f"--class-names: {e}") from None
 
 
 def _own_leaves(tree: dict, dtype) -> dict:

@@ -139,6 +139,10 @@ def test_bad_arguments_get_one_line(tmp_path):
   err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
              "--class-names", names)
   assert f"--class-names {names}: 3 class names for a 10-way head" in err
+  err = _bad(tmp_path, "uniformerv2", "--input", GOLDEN / "tiny_k400.pyth", "--model", cfg,
+             "--class-names", tmp_path / "nope.txt")
+  assert (f"error: --class-names: class-name file {tmp_path / 'nope.txt'}: no such file (nor a "
+          "packaged list: k400|k600|k700|k710|mit|sthv2)") in err, err
   # A config file's mistakes are its own, found before the checkpoint is read (this one is cut
   # short, and that error would come from reading it)
   data = (GOLDEN / "tiny_k400.pyth").read_bytes()

@@ -40,7 +40,8 @@ def read_class_names_file(path) -> list[str]:
   try:
     return parse_class_names(storage.read_text(path))
   except FileNotFoundError:
-    raise ValueError(f"class-name file {path}: no such file") from None
+    raise ValueError(f"class-name file {path}: no such file (nor a packaged list: "
+                     f"{'|'.join(PACKAGED_LABEL_MAPS)})") from None
   except (UnicodeDecodeError, IsADirectoryError) as e:
     raise ValueError(f"class-name file {path}: not a text file of class names, one a line "
                      f"({type(e).__name__})") from None

@@ -121,18 +121,16 @@ def load_model(config, checkpoint: str, mesh, data_names=None, log=print,
   model = load_pretrained(checkpoint, mesh=mesh, head_map=None if rows is None else
                           [int(r) for r in rows], **overrides)
   have = model.config.num_classes
-  stale = _get(config.dataset, "num_classes")
-  if stale and have == data_classes != stale:  # the recipe's count, another dataset's
-    raise EvalConfigError(f"config.dataset.num_classes is {stale}, but dataset "
-                          f"{config.dataset.name} and the model ({checkpoint}) have {have} "
-                          f"classes: pass --config.dataset.num_classes={have}.")
   hint = (" Set --config.eval.head_map=k400|k600|k700 to read a Kinetics-710 head." if have == 710
           else " Evaluate it on the dataset it was trained for.")
-  for what, want in ((f"dataset {config.dataset.name} has", data_classes),
-                     ("config.dataset.num_classes is", _get(config.dataset, "num_classes"))):
+  # The dataset first: when it agrees with the model, the config's count is a recipe's leftover
+  stale = (f" Dataset {config.dataset.name} has {have} too: pass "
+           f"--config.dataset.num_classes={have}.")
+  for what, want, fix in ((f"dataset {config.dataset.name} has", data_classes, hint),
+                          ("config.dataset.num_classes is", _get(config.dataset, "num_classes"),
+                           stale if data_classes == have else hint)):
     if want and have != want:
-      raise EvalConfigError(f"{checkpoint}: the model has {have} classes but {what} {want}."
-                            f"{hint}")
+      raise EvalConfigError(f"{checkpoint}: the model has {have} classes but {what} {want}.{fix}")
   return model, names, order is not None
 
 
