@@ -82,7 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.FieldReference(None, field_type=str)
   # The classifier (head.fc) starts from the seeded initialisation instead of init_from's:
   # a CLIP tower has no classifier, and MiT's 339 classes are not its K400 source's. (The
-  # upstream's loader skips weights whose shapes differ; this names the one part that may.)
+  # upstream deletes a pretrained classifier whose class count differs: DELETE_SPECIAL_HEAD.)
   c.init_new_head = False
   c.head_map = ml_collections.FieldReference(None, field_type=str)
   # Mesh axis sizes (one may be -1: all remaining devices). Tensors with fewer elements than

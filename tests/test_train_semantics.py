@@ -26,8 +26,8 @@ from train_helper import restore, tiny_config  # noqa: E402
 # Gradient accumulation (config.train.grad_accum_steps, training/step.py)
 
 # What may legitimately differ between one batch of 16 and microbatches of it is switched off:
-# no Local MHRA, hence no BatchNorm (its batch statistics are per microbatch and its running
-# averages move once per microbatch); dropout and drop path are 0 and RandAugment is off in the
+# no Local MHRA, hence no BatchNorm (its batch statistics are per microbatch; the test with it
+# sets replica_batch to the microbatch, where they are not); dropout and drop path are 0 and RandAugment is off in the
 # tiny config (asserted in _train). Adam's eps is raised as in test_train.py: the key part of
 # the qkv bias has an exactly-zero true gradient (softmax ignores it), so its float32 gradient
 # is rounding noise that eps=1e-8 turns into +-lr updates of random sign (measured: 1.7e-4).
@@ -41,6 +41,7 @@ MESH_RUN = {"train.grad_accum_steps": 4, "mesh.data": 2, "mesh.fsdp": 2}  # 4 cl
 # with eps=1e-3 an update is close to linear in the gradient, and the parameters agree to an ulp
 # or so (measured: 1.5e-8 with accum 2, 6e-8 on the mesh).
 MOMENT_RTOL = 2e-5
+STATS_RTOL = 1e-6  # BatchNorm running statistics, of their largest entry (measured: 1.2e-7)
 PARAM_ATOL = 1e-6
 
 
@@ -57,10 +58,10 @@ def _jitted_step(config):
   return setup.mdef, mesh, setup.tx, setup.shardings, setup.train_step
 
 
-def _initial_state() -> dict:
+def _initial_state(overrides=None) -> dict:
   """The train state the loop starts from (seeded initialisation), flat, as numpy."""
   from uniformerv2_jax.training.state import create_train_state
-  config = tiny_config(ACCUM)
+  config = tiny_config({**ACCUM, **(overrides or {})})
   mdef, mesh, tx, _, _ = _jitted_step(config)
   state, _ = create_train_state(mdef, tx, mesh, seed=config.train.seed, frozen=mdef.cfg.frozen)
   return _flat(state)
@@ -74,7 +75,8 @@ def _train(accum: int, initial: dict, overrides=None, steps: int = 2):
   config_check.check(config)
   mdef, mesh, tx, shardings, step = _jitted_step(config)
   cfg = mdef.cfg
-  assert cfg.no_lmhra and cfg.drop_path_rate == cfg.backbone_drop_path_rate == 0
+  assert cfg.no_lmhra or cfg.replica_batch == config.train.global_batch_size // ACCUM_STEPS
+  assert cfg.drop_path_rate == cfg.backbone_drop_path_rate == 0
   assert cfg.cls_dropout == 0 and not any(cfg.mlp_dropout) and not config.input.randaugment
   state = jax.tree_util.tree_map_with_path(
       lambda path, _, sharding: jax.device_put(initial[jax.tree_util.keystr(path)], sharding),
@@ -96,7 +98,7 @@ def _assert_same_step(got, want, what):
   """Final train states and per-step metrics of two runs agree up to float32 reassociation."""
   (g_state, g_metrics), (w_state, w_metrics) = got, want
   assert sorted(g_state) == sorted(w_state)
-  checked = {"params": 0, "moments": 0}
+  checked = {"params": 0, "moments": 0, "stats": 0}
   for k, w in w_state.items():
     g = g_state[k]
     assert g.shape == w.shape and g.dtype == w.dtype, k
@@ -107,6 +109,10 @@ def _assert_same_step(got, want, what):
       np.testing.assert_allclose(g, w, rtol=0, atol=MOMENT_RTOL * np.abs(w).max(),
                                  err_msg=f"{what}: {k}")
       checked["moments"] += 1
+    elif k.startswith("['batch_stats']"):  # means of the same statistics, summed otherwise
+      np.testing.assert_allclose(g, w, rtol=0, atol=STATS_RTOL * np.abs(w).max(),
+                                 err_msg=f"{what}: {k}")
+      checked["stats"] += 1
     else:  # step, RNG, Adam's count
       np.testing.assert_array_equal(g, w, err_msg=f"{what}: {k}")
   assert checked["params"] > 40 and checked["moments"] == 2 * checked["params"], checked
@@ -146,6 +152,21 @@ def test_grad_accumulation_is_one_big_batch(accum_runs):
               for k in want[0] if k.startswith("['params']"))
   assert moved > 1000 * PARAM_ATOL  # two states that really moved
   _assert_same_step(accum_runs[f"accum {ACCUM_STEPS}"], want, f"accum {ACCUM_STEPS}")
+
+
+def test_grad_accumulation_with_batchnorm_is_one_big_batch():
+  """With Local MHRA (BatchNorm) and replica_batch = the microbatch (8 clips, as on two upstream
+  GPUs), accum=2 is the 16-clip step: the same per-group batch statistics in the forward, and
+  the running statistics moved once per step by their mean (as the upstream's one forward per
+  step), not once per microbatch."""
+  overrides = {"model.no_lmhra": False, "model.replica_batch": 8}
+  initial = _initial_state(overrides)
+  assert any(k.startswith("['batch_stats']") for k in initial)
+  want = _train(1, initial, overrides)
+  moved = max(np.abs(want[0][k] - initial[k]).max() for k in want[0]
+              if k.startswith("['batch_stats']"))
+  assert moved > 1000 * STATS_RTOL  # running statistics that really moved
+  _assert_same_step(_train(ACCUM_STEPS, initial, overrides), want, "accum with BatchNorm")
 
 
 def test_grad_accumulation_traces_under_x64(x64):

@@ -3,7 +3,8 @@
 The batch arrives as uint8 videos; normalisation (and RandAugment when enabled) runs on
 device inside the step. A global batch may be split into `grad_accum_steps` microbatches
 (lax.scan); microbatch j is the j-th of A contiguous runs of every device's rows, so every
-device keeps its own rows.
+device keeps its own rows. BatchNorm's running statistics move once per step, by the mean of
+the microbatches' statistics (as one batch of `replica_batch` groups moves them).
 """
 
 from __future__ import annotations
@@ -64,22 +65,26 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
     tparams = trainable(params, frozen)
 
     def micro(carry, xs):
-      grads, stats, loss_sum, correct_sum = carry
+      # Every microbatch's BatchNorm starts from the step's running statistics; their mean
+      # over the microbatches is one update by the mean batch statistics, as one big batch
+      # of replica_batch groups gives (not one momentum-0.1 update per microbatch).
+      grads, stats_sum, loss_sum, correct_sum = carry
       mb_videos, mb_labels, j = xs
-      (loss, (stats, correct)), g = grad_fn(tparams, params, stats, mb_videos, mb_labels,
-                                            jax.random.fold_in(k_model, j))
-      grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, stats, loss_sum + loss, correct_sum + correct), None
+      (loss, (stats, correct)), g = grad_fn(tparams, params, state["batch_stats"], mb_videos,
+                                            mb_labels, jax.random.fold_in(k_model, j))
+      grads, stats_sum = (jax.tree.map(jnp.add, *ab) for ab in ((grads, g), (stats_sum, stats)))
+      return (grads, stats_sum, loss_sum + loss, correct_sum + correct), None
 
-    zeros = jax.tree.map(jnp.zeros_like, tparams)
-    carry = (zeros, state["batch_stats"], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    carry = (zeros(tparams), zeros(state["batch_stats"]), jnp.zeros((), jnp.float32),
+             jnp.zeros((), jnp.int32))
     if accum == 1:
       carry, _ = micro(carry, (videos, labels, 0))
     else:
       split = lambda x: _microbatches(x, accum, mesh, batch_axes)
       carry, _ = jax.lax.scan(micro, carry, (split(videos), split(labels), jnp.arange(accum)))
     grads, stats, loss_sum, correct = carry
-    grads = jax.tree.map(lambda g: g / accum, grads)
+    grads, stats = (jax.tree.map(lambda x: x / accum, tree) for tree in (grads, stats))
     updates, opt_state = tx.update(grads, state["opt_state"], tparams)
     new_params = merge_trainable(params, optax.apply_updates(tparams, updates))
     metrics = {"loss": loss_sum / accum,
