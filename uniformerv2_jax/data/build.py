@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder the list paths are relative to (default: --manual_dir, else "
                         "the current folder)")
     p.add_argument("--classes", help="class-name file (one name a line) or k400/k600/.../sthv2")
-    p.add_argument("--short_side", type=int, default=None, help="default: the config's (320)")
+    p.add_argument("--short_side", type=int, default=None,
+                   help="frames above it are brought down to it, never enlarged; default: the "
+                        "config's (320)")
     p.add_argument("--keep_size", action="store_true", help="store frames at the source size")
     p.add_argument("--fps", type=float, default=None,
                    help="resample every video to this frame rate (default: its own, capped at "

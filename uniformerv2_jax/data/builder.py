@@ -63,7 +63,7 @@ class VideoConfig(tfds.core.BuilderConfig):
     short_side: int | None = 320  # None keeps the source size
     fps: float | None = None      # None: source rate (capped at max_fps)
     max_fps: float | None = 30.0
-    jpeg_qscale: int = 3          # FFmpeg JPEG quantiser, 2 (best) .. 31
+    jpeg_quality: int = 90        # libjpeg quality of the stored frames, 1 .. 95
     flip: bool = True             # horizontal flip keeps labels valid (False for SSv2)
     frame_store: bool = False     # frames in a sidecar ArrayRecord store, one record a frame
     on_unknown_label: str = "error"   # or "skip" (listed in the skip report)
@@ -247,7 +247,7 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split, entries, skipped):
         cfg = self.builder_config
         opts = dict(short_side=cfg.short_side, fps=cfg.fps, max_fps=cfg.max_fps,
-                    qscale=cfg.jpeg_qscale, threads=1 if self._num_workers > 1 else 0)
+                    quality=cfg.jpeg_quality, threads=1 if self._num_workers > 1 else 0)
         tasks = [(f"{i:09d}", e.path, e.name, e.label, opts) for i, e in enumerate(entries)]
         skipped, written = list(skipped), 0
         store = _FrameStore(self.data_dir, split) if cfg.frame_store else None

@@ -6,6 +6,7 @@ This module imports no TensorFlow or JAX, so build worker processes stay light.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from fractions import Fraction
@@ -144,38 +145,35 @@ def decode_video(path, indices: Sequence[int] | None = None, *, fps: float | Non
     return np.stack([frames[i] for i in want.tolist()]), rate
 
 
-def _jpeg_encoder(width: int, height: int, qscale: int):
-    ctx = av.CodecContext.create("mjpeg", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuvj420p"
-    ctx.time_base = Fraction(1, 30)
-    ctx.options = {"qmin": str(qscale), "qmax": str(qscale)}
-    return ctx
-
-
 def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
-    if not short_side:
-        return height, width
+    """(height, width) with the short side brought down to `short_side`; never enlarged (the
+    upstream resizes the source's own pixels: a 240p SSv2 video goes 240 -> 224 once)."""
     short, long_ = min(height, width), max(height, width)
+    if not short_side or short <= short_side:
+        return height, width
     new_long = max(int(long_ * short_side / short + 0.5), short_side)
     return (short_side, new_long) if height <= width else (new_long, short_side)
 
 
 def jpeg_frames(path, *, short_side: int | None = 320, fps: float | None = None,
-                max_fps: float | None = 30.0, qscale: int = 3, threads: int = 1):
-    """Build-time conversion: decode, resize the short side, encode each frame as JPEG.
+                max_fps: float | None = 30.0, quality: int = 90, threads: int = 1):
+    """Build-time conversion: decode, bring the short side down, encode each frame as JPEG.
 
-    Returns ``(list of JPEG bytes, output fps, (height, width))``. ``qscale`` is FFmpeg's JPEG
-    quantiser (2 = best, 31 = worst; 3 is about quality 90). Raises :class:`VideoDecodeError`.
+    Frames go to RGB as the upstreams' decoder (decord: FFmpeg's swscale to rgb24) gives them,
+    then through libjpeg (Pillow, ``quality`` 1-95, 4:2:0 chroma), whose exact RGB <-> YCbCr
+    round trip adds no colour shift. Returns ``(list of JPEG bytes, output fps, (height,
+    width))``. Raises :class:`VideoDecodeError`.
     """
-    jpegs, encoder, size, rate = [], None, None, 0.0
+    from PIL import Image
+    jpegs, size, rate = [], None, 0.0
     for frame, rate in iter_frames(path, fps=fps, max_fps=max_fps, threads=threads):
         if size is None:
             size = _scaled_size(frame.height, frame.width, short_side)
-            encoder = _jpeg_encoder(size[1], size[0], qscale)
-        small = frame.reformat(width=size[1], height=size[0], format="yuvj420p",
-                               interpolation="BICUBIC")
-        small.pts, small.time_base = len(jpegs), encoder.time_base
-        jpegs.extend(bytes(p) for p in encoder.encode(small))
+        if size != (frame.height, frame.width):
+            frame = frame.reformat(width=size[1], height=size[0], interpolation="BICUBIC")
+        out = io.BytesIO()
+        Image.fromarray(frame.to_ndarray(format="rgb24")).save(out, "JPEG", quality=quality)
+        jpegs.append(out.getvalue())
     if not jpegs:
         raise VideoDecodeError(path, "contains no decodable frames")
     return jpegs, rate, size
