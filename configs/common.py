@@ -64,7 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       base_lr=1e-5,              # not scaled with the batch size (upstream)
       warmup_start_lr=1e-6,      # mmaction2: a fraction of base_lr
       min_lr=1e-6,               # mmaction2: a fraction of base_lr
-      weight_decay=0.05,         # 0 for every 1-D parameter
+      weight_decay=0.05,         # 0 for every 1-D parameter (mmaction2: for biases and norms,
+                                 # so it decays class_embedding and balance)
       grad_clip=20.0,            # global L2 norm
       b1=0.9, b2=0.999, eps=1e-8,
       grad_accum_steps=1,        # microbatches per step (same global batch on fewer devices)
