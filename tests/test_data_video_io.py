@@ -68,8 +68,8 @@ def test_build_jpegs_keep_the_upstreams_colours(clip):
     jpegs, _, _ = jpeg_frames(path, short_side=None)
     for k, i in enumerate([0, 60]):
         diff = decode_jpeg(jpegs[i]).astype(int) - frames[k]
-        # measured: mean |diff| 0.7-2.6 (quality 90, 4:2:0); channel means within 0.4
-        assert np.abs(diff).mean() < 3 and np.abs(diff.mean((0, 1))).max() < 0.6, (
+        # measured: mean |diff| 0.7-3.0 (quality 85, 4:2:0); channel means within 0.4
+        assert np.abs(diff).mean() < 3.5 and np.abs(diff.mean((0, 1))).max() < 0.6, (
             clip, i, np.abs(diff).mean(), diff.mean((0, 1)))
 
 

@@ -63,7 +63,7 @@ class VideoConfig(tfds.core.BuilderConfig):
     short_side: int | None = 320  # None keeps the source size
     fps: float | None = None      # None: source rate (capped at max_fps)
     max_fps: float | None = 30.0
-    jpeg_quality: int = 90        # libjpeg quality of the stored frames, 1 .. 95
+    jpeg_quality: int = 85        # libjpeg quality of the stored frames, 1 .. 95
     flip: bool = True             # horizontal flip keeps labels valid (False for SSv2)
     frame_store: bool = False     # frames in a sidecar ArrayRecord store, one record a frame
     on_unknown_label: str = "error"   # or "skip" (listed in the skip report)

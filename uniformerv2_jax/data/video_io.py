@@ -156,7 +156,7 @@ def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, 
 
 
 def jpeg_frames(path, *, short_side: int | None = 320, fps: float | None = None,
-                max_fps: float | None = 30.0, quality: int = 90, threads: int = 1):
+                max_fps: float | None = 30.0, quality: int = 85, threads: int = 1):
     """Build-time conversion: decode, bring the short side down, encode each frame as JPEG.
 
     Frames go to RGB as the upstreams' decoder (decord: FFmpeg's swscale to rgb24) gives them,
