@@ -29,6 +29,22 @@ def test_original_csv_with_header_names_and_extra_columns(tmp_path):
     assert [(e.name, e.label) for e in entries] == [("v1.mp4", 1), ("v2.mp4", 2), ("v3.mp4", 1)]
 
 
+def test_a_class_name_beats_another_class_s_underscore_alias(tmp_path):
+    """Names are also matched with '_' read as ' ' (mmaction2 folder names); a class literally
+    named like another's alias keeps its own lines."""
+    path = write(tmp_path, "l.csv", "v0.mp4,a b\nv1.mp4,a_b\nv2.mp4,c d\n")
+    entries, _ = ann.parse_list(path, ["a b", "a_b", "c_d"])
+    assert [e.label for e in entries] == [0, 1, 2]
+
+
+def test_the_official_kinetics_csv_is_named_as_such(tmp_path):
+    path = write(tmp_path, "train.csv", "label,youtube_id,time_start,time_end,split\n"
+                                        "abseiling,-3B32lodo2M,59,69,train\n")
+    with pytest.raises(ann.AnnotationError, match=r"train.csv is the official Kinetics CSV .* "
+                       r"which names no video files: give a list"):
+        ann.parse_list(path, NAMES)
+
+
 @pytest.mark.parametrize("line", ["v.mp4 3", "v.mp4 -1", "v.mp4 juggling"])
 def test_unknown_label_names_file_and_line(tmp_path, line):
     path = write(tmp_path, "l.txt", f"ok.mp4 0\n{line}\n")

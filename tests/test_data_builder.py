@@ -306,6 +306,31 @@ def test_kinetics710_layout_removes_held_out_ids_and_names_missing_test_lists(tm
     assert "kinetics700_test" not in err.split("warning:")[1].split(";")[0]
 
 
+def test_kinetics710_holds_out_validation_videos_skipped_for_their_label(tmp_path):
+    """With on_unknown_label=skip, a validation video whose label is unknown is left out of the
+    validation split but still held out of the training union (else it leaks into training)."""
+    import dataclasses
+
+    from uniformerv2_jax.data import annotations as ann
+    from uniformerv2_jax.data.builder import NAMED_CONFIGS, split_entries
+    cfg = dataclasses.replace(next(c for c in NAMED_CONFIGS if c.name == "kinetics710"),
+                              on_unknown_label="skip")
+    for n in (400, 600, 700):
+        root = tmp_path / f"kinetics{n}"
+        root.mkdir()
+        train = ["AAAAAAAAAAA_000001_000011.mp4 0"] + (["LLLLLLLLLLL_000001_000011.mp4 1"]
+                                                       if n == 600 else [])
+        val = [f"V{n}VVVVVVVVV_000001_000011.mp4 0"] + (
+            ["LLLLLLLLLLL_000001_000011.mp4 no_such_class"] if n == 400 else [])
+        for split, rows in (("train", train), ("val", val), ("test", val[:1])):
+            (root / f"kinetics{n}_{split}_list_videos.txt").write_text(
+                "".join(r + "\n" for r in rows))
+    out = split_entries(cfg, tmp_path)
+    assert [ann.kinetics_id(e.name) for e in out["train"][0]] == ["AAAAAAAAAAA"]
+    assert len(out["validation"][0]) == 3 and [n for n, _ in out["validation"][1]] == [
+        "LLLLLLLLLLL_000001_000011.mp4"]
+
+
 def test_build_names_the_configs_when_given_an_unknown_one(tmp_path):
     from uniformerv2_jax.data import build
     with pytest.raises(SystemExit, match=r"--config kinetics401 is not a named config "

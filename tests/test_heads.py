@@ -78,3 +78,21 @@ def test_errors_are_clear():
                      "k400")
   with pytest.raises(ValueError, match="no such file"):
     heads.load_index_map("k999")
+
+
+def test_class_files_read_alike_everywhere(tmp_path):
+  """convert --class-names, predict and model directories read a class file as data.build does:
+  a byte-order mark and surrounding spaces are not part of a name; a blank line before the last
+  name or a repeated name is refused (line i is class i: skipping it would shift the ids)."""
+  from uniformerv2_jax.data import annotations as ann
+  ok = tmp_path / "ok.txt"
+  ok.write_text("\ufeffabseiling \n air drumming\n\n", encoding="utf-8")
+  assert heads.read_class_names_file(ok) == ann.load_class_names(str(ok)) == [
+      "abseiling", "air drumming"]
+  for name, text, error in (("blank.txt", "a\n\nb\n", r"line 2 is blank"),
+                            ("twice.txt", "a\nb\na\n", r"not unique: 'a' \(lines 1 and 3\)")):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}.*{error}"):
+      heads.read_class_names_file(tmp_path / name)
+    with pytest.raises(ann.AnnotationError, match=rf"{name}.*{error}"):
+      ann.load_class_names(str(tmp_path / name))

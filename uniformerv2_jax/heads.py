@@ -25,9 +25,24 @@ def _label_maps_dir():
   return resources.files("uniformerv2_jax") / "label_maps"
 
 
-def parse_class_names(text: str) -> list[str]:
-  """A class list file's text -> names (line i is class i; blank lines are skipped)."""
-  return [line for line in text.splitlines() if line.strip()]
+def parse_class_names(text: str, source: str = "the class list") -> list[str]:
+  """A class list file's text -> names: line i is class i, stripped (a byte-order mark too);
+  trailing blank lines are dropped. A blank line before the last name (it would shift every
+  id after it), a repeated name or no name at all raises ValueError naming `source`."""
+  names = [line.strip() for line in text.removeprefix("\ufeff").splitlines()]
+  while names and not names[-1]:
+    names.pop()
+  if "" in names:
+    raise ValueError(f"class names in {source!r}: line {names.index('') + 1} is blank; class "
+                     "ids are line numbers, so remove it (or name the class)")
+  seen: dict[str, int] = {}
+  twice = [f"{n!r} (lines {seen[n] + 1} and {i + 1})" for i, n in enumerate(names)
+           if seen.setdefault(n, i) != i]
+  if twice:
+    raise ValueError(f"class names in {source!r} are not unique: " + ", ".join(twice[:5]))
+  if not names:
+    raise ValueError(f"no class names in {source!r}")
+  return names
 
 
 def read_class_names_file(path) -> list[str]:
@@ -38,13 +53,14 @@ def read_class_names_file(path) -> list[str]:
   if os.fspath(path) in PACKAGED_LABEL_MAPS:
     return builtin_class_names(os.fspath(path))
   try:
-    return parse_class_names(storage.read_text(path))
+    text = storage.read_text(path)
   except FileNotFoundError:
     raise ValueError(f"class-name file {path}: no such file (nor a packaged list: "
                      f"{'|'.join(PACKAGED_LABEL_MAPS)})") from None
   except (UnicodeDecodeError, IsADirectoryError) as e:
     raise ValueError(f"class-name file {path}: not a text file of class names, one a line "
                      f"({type(e).__name__})") from None
+  return parse_class_names(text, os.fspath(path))
 
 
 def builtin_class_names(name: str) -> list[str]:
@@ -52,7 +68,7 @@ def builtin_class_names(name: str) -> list[str]:
   path = _label_maps_dir() / f"label_map_{name}.txt"
   if not path.is_file():
     raise ValueError(f"no built-in class list {name!r}")
-  return parse_class_names(path.read_text())
+  return parse_class_names(path.read_text(encoding="utf-8"), name)
 
 
 def load_index_map(name_or_path: str | os.PathLike | Sequence[int]) -> np.ndarray:

@@ -41,35 +41,28 @@ def packaged_label_map(name: str):
 
 
 def load_class_names(source) -> list[str]:
-    """Class names from a list/tuple, a packaged map name (e.g. ``"k400"``) or a file (one a line)."""
+    """Class names from a list/tuple, a packaged map name (e.g. ``"k400"``) or a file (one a line,
+    read by :func:`uniformerv2_jax.heads.parse_class_names`: stripped, no blank line before the
+    last name, no name twice)."""
+    from uniformerv2_jax.heads import parse_class_names
     if isinstance(source, (list, tuple)):
-        names = [str(n) for n in source]
+        text = "\n".join(str(n) for n in source)
     elif source in PACKAGED_LABEL_MAPS:
-        names = packaged_label_map(source).read_text(encoding="utf-8").splitlines()
+        text = packaged_label_map(source).read_text(encoding="utf-8")
     else:
         try:
             with open(os.fspath(source), encoding="utf-8-sig") as f:
-                names = f.read().splitlines()
+                text = f.read()
         except FileNotFoundError:
             raise AnnotationError(f"class-name file not found: {source} (nor a packaged list: "
                                   f"{'|'.join(PACKAGED_LABEL_MAPS)})") from None
         except (UnicodeDecodeError, IsADirectoryError) as e:
             raise AnnotationError(f"class-name file {source}: not a text file of class names, "
                                   f"one a line ({type(e).__name__})") from None
-    names = [n.strip() for n in names]
-    while names and not names[-1]:
-        names.pop()  # trailing blank lines
-    if "" in names:  # line i is class i: a blank line would shift every class after it
-        raise AnnotationError(f"class names in {source!r}: line {names.index('') + 1} is blank; "
-                              "class ids are line numbers, so remove it (or name the class)")
-    seen: dict[str, int] = {}
-    twice = [f"{n!r} (lines {seen[n] + 1} and {i + 1})" for i, n in enumerate(names)
-             if seen.setdefault(n, i) != i]
-    if twice:
-        raise AnnotationError(f"class names in {source!r} are not unique: " + ", ".join(twice[:5]))
-    if not names:
-        raise AnnotationError(f"no class names in {source!r}")
-    return names
+    try:
+        return parse_class_names(text, source if isinstance(source, str) else "class_names")
+    except ValueError as e:
+        raise AnnotationError(str(e)) from None
 
 
 def load_index_map(name: str) -> list[int]:
@@ -123,8 +116,13 @@ def parse_list(path, class_names: Sequence[str], video_root="", *, fmt: str = "a
                               "`path label` or `path,label`")
     if fmt == "auto":
         fmt = "csv" if lines and "," in lines[0][1] else "list"
-    index = {n: i for i, n in enumerate(class_names)}
-    index.update({n.replace("_", " "): i for i, n in enumerate(class_names)})
+    if fmt == "csv" and "youtube_id" in next(csv.reader([lines[0][1]])):
+        raise AnnotationError(
+            f"{path} is the official Kinetics CSV (label,youtube_id,time_start,time_end,...), "
+            "which names no video files: give a list of the files you downloaded, one "
+            "`path label` a line (mmaction2's kinetics<N>_<split>_list_videos.txt)")
+    index = {n.replace("_", " "): i for i, n in enumerate(class_names)}
+    index.update({n: i for i, n in enumerate(class_names)})  # a name beats another's alias
     entries, skipped, errors = [], [], []
     for k, (lineno, line) in enumerate(lines):
         try:

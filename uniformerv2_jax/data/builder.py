@@ -140,7 +140,9 @@ def _kinetics710_splits(cfg: VideoConfig, manual_dir):
                 on_unknown=cfg.on_unknown_label)
             splits[split].append(entries)
             skipped[split] += skip
+        # every validation video is held out, those skipped for an unknown label too
         heldout |= {ann.kinetics_id(e.name) for e in splits["validation"][-1]}
+        heldout |= {ann.kinetics_id(name) for name, _ in skipped["validation"]}
         test_list = os.path.join(root, f"kinetics{n}_test_list_videos.txt")
         if os.path.isfile(test_list):
             heldout |= ann.read_ids(test_list)
