@@ -141,6 +141,10 @@ def test_kinetics_youtube_id():
     assert ann.kinetics_id("abseiling/-3B32lodo2M_000059_000069.mp4") == "-3B32lodo2M"
     assert ann.kinetics_id("a_b_c_d_e_f_000001_000011.mp4") == "a_b_c_d_e_f"
     assert ann.kinetics_id("plainname.mp4") == "plainname"
+    # bare ids (mmaction2's K400 validation videos), also those that look like id_start_end
+    assert ann.kinetics_id("videos_val/jf7RDuUTrsQ.mp4") == "jf7RDuUTrsQ"
+    assert ann.kinetics_id("videos_val/x_12_345678.mp4") == "x_12_345678"
+    assert ann.kinetics_id("x_12_345678_000001_000011.mp4") == "x_12_345678"
 
 
 def test_kinetics710_union_dedups_drops_heldout_and_maps_labels(tmp_path):
