@@ -139,6 +139,10 @@ def convert_uniformerv2_file(input_path: str, model: str, output: str, *,
                           "backbone.transformer.dec.* / transformer.dec.*); first keys: "
                           f"{first_keys}")
   _check_head(canonical, input_path, new_head, head_map)
+  if infer.is_frozen_export(canonical, model, sets):
+    del canonical["transformer.balance"]
+    log("note: transformer.balance is -inf everywhere (a frozen model in mmaction2's layout); "
+        "converted as the frozen model the config names, without it")
   try:
     facts = infer.infer_uniformerv2(canonical)
   except ConversionError as e:

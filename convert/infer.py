@@ -87,6 +87,17 @@ def check_model_spec(model: str, sets: Mapping[str, Any]) -> None:
       raise ConversionError(f"{where}: {e}") from None
 
 
+def is_frozen_export(tensors: Mapping[str, Any], model: str, sets: Mapping[str, Any]) -> bool:
+  """A frozen model as `export --layout mmaction2` writes it (balance -inf everywhere, which
+  mmaction2's head needs), converted with a config that says frozen: its balance is dropped."""
+  import torch
+  balance = tensors.get("transformer.balance")
+  if balance is None or not bool(torch.isneginf(balance).all()):
+    return False
+  _, fields, _ = base_fields(model)
+  return {**fields, **dict(sets)}.get("frozen") is True
+
+
 def _block_ids(tensors, prefix) -> list[int]:
   pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
   return sorted({int(m.group(1)) for k in tensors for m in [pat.match(k)] if m})

@@ -124,7 +124,7 @@ def test_export_flat_and_bfloat16(tmp_path):
     assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].to(torch.bfloat16)), k
 
 
-def test_frozen_model_exports_to_mmaction2(tmp_path, x64):
+def test_frozen_model_exports_to_mmaction2(tmp_path, x64, capsys):
   """mmaction2's UniFormerV2 has no frozen option: the export writes balance = -inf, and the
   model mmaction2 builds (balance present) computes the frozen model's logits exactly."""
   sd = torch.load(GOLDEN / "tiny_k400.pyth", weights_only=True)
@@ -145,6 +145,14 @@ def test_frozen_model_exports_to_mmaction2(tmp_path, x64):
   mixed, arrays = logits(tmp_path / "mixed", "tiny_k400")
   np.testing.assert_array_equal(mixed, frozen)
   assert rel_err(mixed, arrays["logits"]) > 1e-3  # the golden (unfrozen) model's differ
+  # back with the frozen model's own config: the frozen model again, balance dropped
+  capsys.readouterr()
+  assert cli_main(["uniformerv2", "--input", str(tmp_path / "frozen.pth"), "--model",
+                   str(tmp_path / "m"), "--output", str(tmp_path / "again")]) == 0
+  assert "converted as the frozen model the config names" in capsys.readouterr().out
+  again, first = restore_weights(tmp_path / "again"), restore_weights(tmp_path / "m")
+  assert jax.tree.structure(again) == jax.tree.structure(first)
+  jax.tree.map(np.testing.assert_array_equal, again, first)
 
 
 def test_head_map_on_cli(tmp_path):
