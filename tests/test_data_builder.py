@@ -322,7 +322,7 @@ def test_kinetics710_holds_out_validation_videos_skipped_for_their_label(tmp_pat
                                                        if n == 600 else [])
         val = [f"V{n}VVVVVVVVV_000001_000011.mp4 0"] + (
             ["LLLLLLLLLLL_000001_000011.mp4 no_such_class"] if n == 400 else [])
-        for split, rows in (("train", train), ("val", val), ("test", val[:1])):
+        for split, rows in (("train", train), ("val", val), ("test", [])):
             (root / f"kinetics{n}_{split}_list_videos.txt").write_text(
                 "".join(r + "\n" for r in rows))
     out = split_entries(cfg, tmp_path)

@@ -27,10 +27,11 @@ from train_helper import restore, tiny_config  # noqa: E402
 
 # What may legitimately differ between one batch of 16 and microbatches of it is switched off:
 # no Local MHRA, hence no BatchNorm (its batch statistics are per microbatch; the test with it
-# sets replica_batch to the microbatch, where they are not); dropout and drop path are 0 and RandAugment is off in the
-# tiny config (asserted in _train). Adam's eps is raised as in test_train.py: the key part of
-# the qkv bias has an exactly-zero true gradient (softmax ignores it), so its float32 gradient
-# is rounding noise that eps=1e-8 turns into +-lr updates of random sign (measured: 1.7e-4).
+# sets replica_batch to the microbatch, where they are not); dropout and drop path are 0 and
+# RandAugment is off in the tiny config (asserted in _train). Adam's eps is raised as in
+# test_train.py: the key part of the qkv bias has an exactly-zero true gradient (softmax ignores
+# it), so its float32 gradient is rounding noise that eps=1e-8 turns into +-lr updates of random
+# sign (measured: 1.7e-4).
 ACCUM = {"model.no_lmhra": True, "train.warmup_epochs": 0.0, "train.base_lr": 1e-3,
          "train.eps": 1e-3, "train.steps_per_epoch": 4}
 ACCUM_STEPS = 2

@@ -186,8 +186,9 @@ def parse_ssv2_json(path, class_names: Sequence[str], video_root="", *, ext: str
 
 
 def kinetics_id(name: str) -> str:
-    """YouTube id of a Kinetics clip name such as ``abseiling/-3B32lodo2M_000059_000069.mp4`` or
-    a bare ``jf7RDuUTrsQ.mp4`` (11 characters: a YouTube id, even one shaped like ``x_12_345678``)."""
+    """YouTube id of a Kinetics clip name such as ``abseiling/-3B32lodo2M_000059_000069.mp4``
+    or a bare ``jf7RDuUTrsQ.mp4`` (11 characters: a YouTube id, even one shaped like
+    ``x_12_345678``)."""
     stem = os.path.splitext(os.path.basename(name))[0]
     if len(stem) == 11:
         return stem
