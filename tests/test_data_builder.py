@@ -53,6 +53,28 @@ def mixed(tmp_path_factory):
     return builder, labels, root
 
 
+def test_a_dataset_records_how_its_frames_were_stored(mixed):
+    """train.py and eval.py note a dataset built before frames were stored as the upstream's
+    decoder gives them (no `frames` in its metadata): its colours and sizes differ."""
+    import ml_collections
+
+    from uniformerv2_jax.training import data_io
+    from uniformerv2_jax.data import load_builder
+    builder = load_builder(mixed[0].data_dir)  # as train.py and eval.py read it
+    config = ml_collections.ConfigDict({"input": {"crop_size": 32}})
+    assert builder.info.metadata["frames"] == "rgb24"
+    assert builder.info.metadata["jpeg_quality"] == 85
+    assert data_io.frame_notes(config, builder, "eval") == []
+    del builder.info.metadata["frames"]
+    try:
+        assert data_io.frame_notes(config, builder, "eval") == [
+            f"eval: note: {builder.data_dir} was built by an earlier data.build, whose frames are "
+            "not the upstream's: green about 2 grey levels high, and videos below the short side "
+            "enlarged to it; rebuild it (data.build ... --overwrite) to match the upstream's input"]
+    finally:
+        builder.info.metadata["frames"] = "rgb24"
+
+
 def test_build_completes_and_lists_skipped_videos(mixed, capfd):
     builder, labels, _ = mixed
     assert builder.info.splits["train"].num_examples == 5

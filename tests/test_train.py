@@ -231,6 +231,7 @@ def test_recipe_input_path_end_to_end(tmp_path, capsys, monkeypatch):
   assert out.count("train: note: the frames are stored at short side 24, so the 32-pixel crops "
                    "are upscaled from them") == 1, out
   assert "data.build --short_side 32 or --keep_size" in out
+  assert "earlier data.build" not in out  # train.py's own fresh build records its frames
 
 
 def test_slow_input_is_reported(tmp_path, capsys, monkeypatch):

@@ -237,7 +237,9 @@ class VideoClassification(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(features),
             supervised_keys=None if cfg.frame_store else ("video", "label"),
-            metadata=tfds.core.MetadataDict(flip=cfg.flip, short_side=cfg.short_side),
+            # frames: how they were stored (train/eval note datasets built before "rgb24")
+            metadata=tfds.core.MetadataDict(flip=cfg.flip, short_side=cfg.short_side,
+                                            frames="rgb24", jpeg_quality=cfg.jpeg_quality),
         )
 
     def _split_generators(self, dl_manager):

@@ -207,8 +207,8 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   from uniformerv2_jax import data
   from uniformerv2_jax.checkpoint import read_config, resolve
   from uniformerv2_jax.training.data_io import class_names as dataset_class_names
-  from uniformerv2_jax.training.data_io import (check_readable, num_classes, stored_short_side,
-                                                upscale_note)
+  from uniformerv2_jax.training.data_io import (check_readable, frame_notes, num_classes,
+                                                stored_short_side)
   _log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   ev = config.eval
   mesh = make_mesh(dict(config.mesh))
@@ -225,8 +225,7 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
   model, names, by_name = load_model(config, checkpoint, mesh, dataset_class_names(builder), _log,
                                      data_classes=num_classes(builder))
   spatial = _get(ev, "spatial", "mmaction2")
-  note = upscale_note(config, builder, "eval")
-  if note and jax.process_index() == 0:
+  for note in frame_notes(config, builder, "eval") if jax.process_index() == 0 else ():
     _log(note)
   num_clips, num_crops = int(ev.num_clips), int(ev.num_crops)
   num_views = num_clips * num_crops

@@ -126,6 +126,18 @@ def upscale_note(config, builder, tool: str) -> str | None:
           "--config.dataset.name to the dataset it names")
 
 
+def frame_notes(config, builder, tool: str) -> list[str]:
+  """Notes on how the dataset's frames were stored: upscaled crops (`upscale_note`), and a
+  dataset built before frames were stored as the upstream's decoder gives them."""
+  notes = [upscale_note(config, builder, tool)]
+  if builder is not None and "frames" not in (builder.info.metadata or {}):
+    notes.append(f"{tool}: note: {builder.data_dir} was built by an earlier data.build, whose "
+                 "frames are not the upstream's: green about 2 grey levels high, and videos "
+                 "below the short side enlarged to it; rebuild it (data.build ... --overwrite) "
+                 "to match the upstream's input")
+  return [n for n in notes if n]
+
+
 def steps_per_epoch(config, builder, per_host: int) -> int:
   """Train steps per epoch (every host reads n / process_count videos)."""
   n = split_size(config, builder, config.dataset.train_split)

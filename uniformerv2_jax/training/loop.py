@@ -210,8 +210,7 @@ def train_and_evaluate(config, workdir: str,
   except ValueError as e:  # no built dataset in the folder, several, or files missing
     raise config_check.ConfigError(f"config.dataset: {e}") from None
   data_io.check_classes(config, builder)
-  note = data_io.upscale_note(config, builder, "train")
-  if note:
+  for note in data_io.frame_notes(config, builder, "train"):
     log(note)
   per_host = tc.global_batch_size // pc
   steps_per_epoch = tc.steps_per_epoch or data_io.steps_per_epoch(config, builder, per_host)
