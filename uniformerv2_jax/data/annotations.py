@@ -16,7 +16,7 @@ import os
 from importlib import resources
 from typing import Iterable, Sequence
 
-__all__ = ["Entry", "AnnotationError", "packaged_label_map", "load_class_names", "load_index_map",
+__all__ = ["Entry", "AnnotationError", "load_class_names", "load_index_map",
            "parse_list", "parse_ssv2_json", "kinetics_id", "read_ids", "kinetics710_entries"]
 
 PACKAGED_LABEL_MAPS = ("k400", "k600", "k700", "k710", "mit", "sthv2")
@@ -33,34 +33,15 @@ class Entry:
     name: str    # the video as the annotation names it (relative path or id)
 
 
-def packaged_label_map(name: str):
-    """Path of a class-name file shipped in ``uniformerv2_jax/label_maps`` (k400, ..., sthv2)."""
-    if name not in PACKAGED_LABEL_MAPS:
-        raise AnnotationError(f"unknown packaged label map {name!r}; have {PACKAGED_LABEL_MAPS}")
-    return resources.files("uniformerv2_jax").joinpath("label_maps", f"label_map_{name}.txt")
-
-
 def load_class_names(source) -> list[str]:
-    """Class names from a list/tuple, a packaged map name (e.g. ``"k400"``) or a file (one a line,
-    read by :func:`uniformerv2_jax.heads.parse_class_names`: stripped, no blank line before the
-    last name, no name twice)."""
-    from uniformerv2_jax.heads import parse_class_names
-    if isinstance(source, (list, tuple)):
-        text = "\n".join(str(n) for n in source)
-    elif source in PACKAGED_LABEL_MAPS:
-        text = packaged_label_map(source).read_text(encoding="utf-8")
-    else:
-        try:
-            with open(os.fspath(source), encoding="utf-8-sig") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise AnnotationError(f"class-name file not found: {source} (nor a packaged list: "
-                                  f"{'|'.join(PACKAGED_LABEL_MAPS)})") from None
-        except (UnicodeDecodeError, IsADirectoryError) as e:
-            raise AnnotationError(f"class-name file {source}: not a text file of class names, "
-                                  f"one a line ({type(e).__name__})") from None
+    """Class names from a list/tuple, a packaged map name (e.g. ``"k400"``) or a file (one a line),
+    checked as :func:`uniformerv2_jax.heads.parse_class_names` checks them (stripped, no blank
+    line before the last name, no name twice)."""
+    from uniformerv2_jax import heads
     try:
-        return parse_class_names(text, source if isinstance(source, str) else "class_names")
+        if isinstance(source, (list, tuple)):
+            return heads.parse_class_names("\n".join(str(n) for n in source), "class_names")
+        return heads.read_class_names_file(source)
     except ValueError as e:
         raise AnnotationError(str(e)) from None
 

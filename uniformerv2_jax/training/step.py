@@ -72,7 +72,7 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
       mb_videos, mb_labels, j = xs
       (loss, (stats, correct)), g = grad_fn(tparams, params, state["batch_stats"], mb_videos,
                                             mb_labels, jax.random.fold_in(k_model, j))
-      grads, stats_sum = (jax.tree.map(jnp.add, *ab) for ab in ((grads, g), (stats_sum, stats)))
+      grads, stats_sum = jax.tree.map(jnp.add, (grads, stats_sum), (g, stats))
       return (grads, stats_sum, loss_sum + loss, correct_sum + correct), None
 
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
@@ -84,7 +84,7 @@ def make_train_step(mdef, tx, schedule, config, mesh: Mesh):
       split = lambda x: _microbatches(x, accum, mesh, batch_axes)
       carry, _ = jax.lax.scan(micro, carry, (split(videos), split(labels), jnp.arange(accum)))
     grads, stats, loss_sum, correct = carry
-    grads, stats = (jax.tree.map(lambda x: x / accum, tree) for tree in (grads, stats))
+    grads, stats = jax.tree.map(lambda x: x / accum, (grads, stats))
     updates, opt_state = tx.update(grads, state["opt_state"], tparams)
     new_params = merge_trainable(params, optax.apply_updates(tparams, updates))
     metrics = {"loss": loss_sum / accum,
