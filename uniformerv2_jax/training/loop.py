@@ -97,6 +97,40 @@ def evaluate(p_eval, state, config, builder, per_host, mesh) -> dict:
   return {"top1": totals["correct"] / n, "loss": totals["loss"] / n, "count": totals["count"]}
 
 
+class _Pace:
+  """Step time, clips/s, MFU, input-wait share and ETA between two progress lines; the step
+  that compiled and the pauses (evaluation, saving) are left out. `flops`: one step's; `peak`:
+  all devices' FLOP/s (None: no MFU)."""
+
+  def __init__(self, step: int, clips: int, flops: float, peak: float | None):
+    self.clips, self.flops, self.peak = clips, flops, peak
+    self.waited = 0.0  # seconds blocked on the input pipeline, in all
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.tick, self.tick_step, self.waited_at_tick = time.time(), step, self.waited
+
+  def skip(self, seconds: float) -> None:
+    self.tick += seconds
+
+  def report(self, step: int, total_steps: int) -> tuple[str, dict, float] | None:
+    """(progress-line suffix, perf/* scalars, input-wait share) since the last report."""
+    if step <= self.tick_step:  # no time yet for the step that compiled
+      return None
+    now = time.time()
+    dt = (now - self.tick) / (step - self.tick_step)
+    share = (self.waited - self.waited_at_tick) / max(now - self.tick, 1e-9)
+    self.restart(step)
+    line = f" | {self.clips / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
+    scalars = {}
+    if self.peak:
+      scalars["perf/mfu"] = self.flops / dt / self.peak
+      line += f" MFU {scalars['perf/mfu']:.1%}"
+    line += f" input wait {share:.0%} ETA {_fmt(dt * (total_steps - step))}"
+    scalars.update({"perf/clips_per_s": self.clips / dt, "perf/input_wait_fraction": share})
+    return line, scalars, share
+
+
 def _input_hint(config, share: float) -> str:
   hint = (f"note: the loop spent {share:.0%} of the time waiting for input batches: the host's "
           "input pipeline limits this run (give it more CPU cores")
@@ -268,28 +302,27 @@ def train_and_evaluate(config, workdir: str,
   # MFU: analytic FLOPs (as the benchmark; XLA's cost analysis is unavailable on GPU and TPU
   # backends, and counts a scanned block once) over the device's peak
   peak = device_peak_flops(jax.devices()[0])
-  flops = train_flops_per_clip(cfg) * tc.global_batch_size
+  pace = _Pace(start, tc.global_batch_size, train_flops_per_clip(cfg) * tc.global_batch_size,
+               peak and peak * jax.device_count())
   # vouched: the latest checkpoint whose weights (or later ones) gave a finite loss. A finite
   # loss at a check vouches for every step saved before it (saves follow the check); the one
   # resumed from gave none yet (its run may have stopped right after saving it).
   vouched = max((c for c in ckpt.manager.all_steps() if latest is not None and c < latest),
                 default=None)
-  metrics, preempted = None, False
-  tick, tick_step = time.time(), start
-  waited, waited_at_tick, hinted = 0.0, 0.0, False  # seconds blocked on the input pipeline
+  metrics, preempted, hinted = None, False, False
   step = start
   with PreemptionWatcher() as preempt:  # SIGTERM, and Ctrl-C, save and stop
     while step < total_steps:
       t_in = time.time()
       host_batch = next(train_iter)
-      waited += time.time() - t_in
+      pace.waited += time.time() - t_in
       batch = data_io.to_global(host_batch, mesh)
       state, metrics = p_train(state, batch)
       step += 1
       if step == start + 1:  # compilation is not a step time
         jax.block_until_ready(metrics)
-        log(f"compiled and ran step {step} in {time.time() - tick:.1f}s")
-        tick, tick_step, waited_at_tick = time.time(), step, waited
+        log(f"compiled and ran step {step} in {time.time() - pace.tick:.1f}s")
+        pace.restart(step)
       is_eval = _eval_due(step, eval_every, total_steps)
       is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
       preempted = preempt.reached(step)
@@ -302,26 +335,14 @@ def train_and_evaluate(config, workdir: str,
         line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
                 f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
         scalars = {"train/" + k: v for k, v in m.items()}
-        hint = None
-        if step > tick_step:  # no time yet for the step that compiled
-          now = time.time()
-          dt = (now - tick) / (step - tick_step)
-          input_share = (waited - waited_at_tick) / max(now - tick, 1e-9)
-          tick, tick_step, waited_at_tick = now, step, waited
-          line += f" | {tc.global_batch_size / dt:.1f} clips/s {dt * 1e3:.0f} ms/step"
-          if peak:
-            scalars["perf/mfu"] = flops / dt / (peak * jax.device_count())
-            line += f" MFU {scalars['perf/mfu']:.1%}"
-          line += f" input wait {input_share:.0%} ETA {_fmt(dt * (total_steps - step))}"
-          scalars["perf/clips_per_s"] = tc.global_batch_size / dt
-          scalars["perf/input_wait_fraction"] = input_share
-          if input_share > 0.9 and not hinted:  # dispatch is asynchronous: waits for input
-            # overlap device work until the input takes about as long as the step
-            hinted, hint = True, _input_hint(config, input_share)
-        log(line)
-        if hint:
-          log(hint)
-        writer.scalars(step, scalars)
+        suffix, perf, share = pace.report(step, total_steps) or ("", {}, 0.0)
+        log(line + suffix)
+        # dispatch is asynchronous: waits for input overlap device work until the input
+        # takes about as long as the step
+        if share > 0.9 and not hinted:
+          hinted = True
+          log(_input_hint(config, share))
+        writer.scalars(step, {**scalars, **perf})
       ev, paused = None, time.time()  # evaluation and saving do not count as step time
       if is_eval and preempted:  # save within the grace period; the resumed run evaluates
         log(f"Preemption signal: saving step {step} first; its evaluation runs on resume")
@@ -333,7 +354,7 @@ def train_and_evaluate(config, workdir: str,
                     best_step=best_step)
         ckpt.keep_best(best_step)
         ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
-      tick += time.time() - paused
+      pace.skip(time.time() - paused)
       if preempted:
         log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
         break
