@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU: environment, each benchmark invocation given as a quoted
 # argument (optionally prefixed by XLA_FLAGS=...), then the golden checks on the device;
-# an argument starting with "profile " runs benchmarks/profile_step.py with the rest.
+# an argument starting with "profile " runs benchmarks/profile_step.py with the rest, one
+# starting with "depthwise" benchmarks/depthwise.py.
 #   bash benchmarks/gpu_session.sh "--models b16 --modes train" "XLA_FLAGS=--foo --models b16" \
 #     "profile --model b16 --mode inference --batch 64"
 # The GPU image lacks ml_collections (the recipe configs) and may hold an older flax: carry
@@ -23,13 +24,16 @@ fi
 python3 -c "import flax, jax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 for run in "$@"; do
   case "$run" in profile\ *)
-    echo "== profile_step.py ${run#profile }"
+    echo "== $(date +%T) profile_step.py ${run#profile }"
     python3 benchmarks/profile_step.py ${run#profile } 2>&1 | tail -60; continue;; esac
+  case "$run" in depthwise*)
+    echo "== $(date +%T) depthwise.py ${run#depthwise}"
+    python3 benchmarks/depthwise.py ${run#depthwise} 2>&1 | grep -E "^\||^Device"; continue;; esac
   flags=""
   case "$run" in XLA_FLAGS=*) flags="${run%% --*}"; flags="${flags#XLA_FLAGS=}"; run="--${run#* --}";; esac
-  echo "== XLA_FLAGS='$flags' $run"
-  XLA_FLAGS="$flags" python3 benchmarks/model_throughput.py $run 2>&1 | grep -E "^\||^Device"
+  echo "== $(date +%T) XLA_FLAGS='$flags' $run"  # rows as they come: a cut run keeps them
+  XLA_FLAGS="$flags" python3 benchmarks/model_throughput.py $run 2>&1 | grep -E "^\||^Device|^\{"
 done
-echo "== golden tests on the device"
+echo "== $(date +%T) golden tests on the device"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py \
   -k "float32 or bfloat16 or float64_matches" 2>&1 | tail -3
