@@ -19,87 +19,87 @@ __all__ = ["StoredVideos"]
 
 
 def _open(builder, split: str, paths: list[str]) -> ArrayRecordDataSource:
-    try:
-        return ArrayRecordDataSource(paths)
-    except RuntimeError as e:
-        bad = next((p for p in paths if not _opens(p)), None)
-        detail = (str(e).strip() or "unreadable").splitlines()[0][:200]
-        raise ValueError(
-            f"{builder.data_dir}: the {split} split cannot be read: "
-            f"{os.path.basename(bad) if bad else 'one of its files'} is missing or damaged "
-            f"({detail}). Copy the dataset folder again if it was copied, else rebuild it: "
-            "python -m uniformerv2_jax.data.build ... --overwrite") from None
+  try:
+    return ArrayRecordDataSource(paths)
+  except RuntimeError as e:
+    bad = next((p for p in paths if not _opens(p)), None)
+    detail = (str(e).strip() or "unreadable").splitlines()[0][:200]
+    raise ValueError(
+        f"{builder.data_dir}: the {split} split cannot be read: "
+        f"{os.path.basename(bad) if bad else 'one of its files'} is missing or damaged "
+        f"({detail}). Copy the dataset folder again if it was copied, else rebuild it: "
+        "python -m uniformerv2_jax.data.build ... --overwrite") from None
 
 
 def _opens(path: str) -> bool:
-    try:
-        ArrayRecordDataSource([path])
-        return True
-    except RuntimeError:
-        return False
+  try:
+    ArrayRecordDataSource([path])
+    return True
+  except RuntimeError:
+    return False
 
 
 class StoredVideos:
-    """``len()`` videos of ``split``; ``frames(index, positions)`` -> JPEG bytes."""
+  """``len()`` videos of ``split``; ``frames(index, positions)`` -> JPEG bytes."""
 
-    def __init__(self, builder, split: str):
-        fmt = builder.info.file_format
-        if fmt is None or fmt.value != "array_record":
-            raise ValueError(f"{builder.data_dir}: stored as {fmt}; the pipeline needs random "
-                             "access, rebuild with file_format='array_record' (the default)")
-        if split not in builder.info.splits:
-            raise ValueError(f"{builder.data_dir}: no split {split!r}; have "
-                             f"{list(builder.info.splits)}")
-        # The split's shards in order, as tfds' data source reads them (raw bytes); opened now
-        # (each file's footer), so a missing or cut-short file is named before any batch.
-        self.records = _open(builder, split, [os.fspath(p) for p in
-                                              builder.info.splits[split].filepaths])
-        files = (builder.info.metadata or {}).get(f"frame_files_{split}")
-        self.store = _open(builder, split, [os.path.join(os.fspath(builder.data_dir), f)
-                                            for f in files]) if files else None
+  def __init__(self, builder, split: str):
+    fmt = builder.info.file_format
+    if fmt is None or fmt.value != "array_record":
+      raise ValueError(f"{builder.data_dir}: stored as {fmt}; the pipeline needs random "
+                       "access, rebuild with file_format='array_record' (the default)")
+    if split not in builder.info.splits:
+      raise ValueError(f"{builder.data_dir}: no split {split!r}; have "
+                       f"{list(builder.info.splits)}")
+    # The split's shards in order, as tfds' data source reads them (raw bytes); opened now
+    # (each file's footer), so a missing or cut-short file is named before any batch.
+    self.records = _open(builder, split, [os.fspath(p) for p in
+                                          builder.info.splits[split].filepaths])
+    files = (builder.info.metadata or {}).get(f"frame_files_{split}")
+    self.store = _open(builder, split, [os.path.join(os.fspath(builder.data_dir), f)
+                                        for f in files]) if files else None
 
-    def __len__(self) -> int:
-        return len(self.records)
+  def __len__(self) -> int:
+    return len(self.records)
 
-    def example(self, index: int):
-        """The video's features (``name``, ``label``, ``num_frames``, ...) as a protobuf map."""
-        return example_pb2.Example.FromString(self.records[int(index)]).features.feature
+  def example(self, index: int):
+    """The video's features (``name``, ``label``, ``num_frames``, ...) as a protobuf map."""
+    return example_pb2.Example.FromString(self.records[int(index)]).features.feature
 
-    def num_frames(self, index: int) -> int:
-        return int(self.example(index)["num_frames"].int64_list.value[0])
+  def num_frames(self, index: int) -> int:
+    return int(self.example(index)["num_frames"].int64_list.value[0])
 
-    def frames(self, index: int, positions=None) -> tuple[list[bytes], int]:
-        """(JPEG bytes at ``positions`` (all frames if None), label) of video ``index``."""
-        return self.choose(index, lambda n: range(n) if positions is None else positions)
+  def frames(self, index: int, positions=None) -> tuple[list[bytes], int]:
+    """(JPEG bytes at ``positions`` (all frames if None), label) of video ``index``."""
+    return self.choose(index, lambda n: range(n) if positions is None else positions)
 
-    def choose(self, index: int, choose) -> tuple[list[bytes], int]:
-        """(JPEGs at ``choose(num_frames)``, label), reading the video's example once."""
-        f = self.example(index)
-        label = int(f["label"].int64_list.value[0])
-        n = int(f["num_frames"].int64_list.value[0])
-        positions = [int(p) for p in choose(n)]
-        if positions and not 0 <= min(positions) <= max(positions) < n:
-            raise IndexError(f"video {index} has {n} frames; asked for frames {positions}")
-        if self.store is None:
-            video = f["video"].bytes_list.value
-            return [video[p] for p in positions], label
-        first = int(f["first_frame"].int64_list.value[0])
-        return list(self.store.__getitems__([first + p for p in positions])), label
+  def choose(self, index: int, choose) -> tuple[list[bytes], int]:
+    """(JPEGs at ``choose(num_frames)``, label), reading the video's example once."""
+    f = self.example(index)
+    label = int(f["label"].int64_list.value[0])
+    n = int(f["num_frames"].int64_list.value[0])
+    positions = [int(p) for p in choose(n)]
+    if positions and not 0 <= min(positions) <= max(positions) < n:
+      raise IndexError(f"video {index} has {n} frames; asked for frames {positions}")
+    if self.store is None:
+      video = f["video"].bytes_list.value
+      return [video[p] for p in positions], label
+    first = int(f["first_frame"].int64_list.value[0])
+    return list(self.store.__getitems__([first + p for p in positions])), label
 
-    def train_clip(self, index, seed_key, clip_len: int):
-        """JPEGs of one train-mode clip (clip_len,) and the label.
+  def train_clip(self, index, seed_key, clip_len: int):
+    """JPEGs of one train-mode clip (clip_len,) and the label.
 
-        The indices use ``np.random.default_rng([*seed_key, 0])``. Repeated augmentation
-        crops these same frames again: the upstream decodes a clip's frames once and augments
-        them ``AUG.NUM_SAMPLE`` times.
-        """
-        keys = [int(k) for k in np.asarray(seed_key).reshape(-1)]
-        jpegs, label = self.choose(
-            index, lambda n: uniform_sample(n, clip_len, rng=np.random.default_rng([*keys, 0])))
-        return np.array(jpegs, dtype=object), np.int32(label)
+    The indices use ``np.random.default_rng([*seed_key, 0])``. Repeated augmentation
+    crops these same frames again: the upstream decodes a clip's frames once and augments
+    them ``AUG.NUM_SAMPLE`` times.
+    """
+    keys = [int(k) for k in np.asarray(seed_key).reshape(-1)]
+    jpegs, label = self.choose(
+        index, lambda n: uniform_sample(n, clip_len, rng=np.random.default_rng([*keys, 0])))
+    return np.array(jpegs, dtype=object), np.int32(label)
 
-    def test_clips(self, index, clip_len: int, num_clips: int):
-        """JPEGs of the ``num_clips`` test-mode clips (num_clips * clip_len,) and the label."""
-        jpegs, label = self.choose(
-            index, lambda n: uniform_sample(n, clip_len, num_clips, test_mode=True))
-        return np.array(jpegs, dtype=object), np.int32(label)
+  def test_clips(self, index, clip_len: int, num_clips: int):
+    """JPEGs of the ``num_clips`` test-mode clips (num_clips * clip_len,) and the label."""
+    jpegs, label = self.choose(
+        index, lambda n: uniform_sample(n, clip_len, num_clips, test_mode=True))
+    return np.array(jpegs, dtype=object), np.int32(label)
