@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import json
 import os
-from importlib import resources
 from typing import Iterable, Sequence
 
 __all__ = ["Entry", "AnnotationError", "load_class_names", "load_index_map",
@@ -47,9 +46,10 @@ def load_class_names(source) -> list[str]:
 
 
 def load_index_map(name: str) -> list[int]:
-  """K710 head row of each class of k400/k600/k700 (``map_<name>.json``)."""
-  path = resources.files("uniformerv2_jax").joinpath("label_maps", f"map_{name}.json")
-  return [int(i) for i in json.loads(path.read_text(encoding="utf-8"))]
+  """K710 head row of each class of k400/k600/k700 (``map_<name>.json``, read and checked by
+  :func:`uniformerv2_jax.heads.load_index_map`)."""
+  from uniformerv2_jax import heads
+  return [int(i) for i in heads.load_index_map(name)]
 
 
 def _split_line(line: str, fmt: str) -> tuple[str, str]:
