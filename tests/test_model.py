@@ -42,6 +42,20 @@ def test_float64_matches_upstream(case, layout, x64):
   assert rel_err(out["cls_token"][None], arrays["cls_token"]) < 1e-9
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_float64_compute_with_float32_parameters(case, x64):
+  """load_pretrained(dtype="float64") keeps float32 parameters: the golden weights are float32
+  values, so float64 compute must still match; the class token stream included."""
+  arrays, cfg = golden_case(case)
+  cfg = model_config(None, **cfg).replace(dtype="float64", param_dtype="float32")
+  model = model_from_tree(cfg, torch_tensors_to_tree(canonical_state_dict(load(case))[0], cfg))
+  assert model.temporal.cls_token[...].dtype == jnp.float32
+  out = model.features(jnp.asarray(torch_input_to_jax(arrays["input"]), jnp.float64))
+  assert out["logits"].dtype == jnp.float64
+  assert rel_err(out["cls_token"][None], arrays["cls_token"]) < 1e-9
+  assert rel_err(out["logits"], arrays["logits"]) < 1e-9
+
+
 def test_train_mode_batchnorm(x64):
   """Train mode: batch statistics in the forward, PyTorch's running-statistics update.
 

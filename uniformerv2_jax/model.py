@@ -243,8 +243,11 @@ class GlobalAggregator(nnx.Module):
     rates = [cfg.drop_path_rate * j / max(cfg.n_layers - 1, 1) for j in range(cfg.n_layers)]
     keys = _split(key, cfg.n_layers)
     # The class-token stream stays in the parameters' precision (float32), as under the
-    # upstream's autocast: the blocks' bf16 outputs are added to a float32 token.
-    cls = jnp.broadcast_to(self.cls_token[...], (n, 1, cfg.width))
+    # upstream's autocast: the blocks' bf16 outputs are added to a float32 token. Float64
+    # compute keeps it in float64 from the start, float32 parameters or not.
+    token = self.cls_token[...]
+    token = token.astype(jnp.promote_types(token.dtype, cfg.dtype))
+    cls = jnp.broadcast_to(token, (n, 1, cfg.width))
     for j, x in enumerate(layer_tokens):
       b, s, c = x.shape
       t = b // n
