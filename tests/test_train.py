@@ -88,6 +88,30 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert str(summary["steps"]) in os.listdir(tmp_path / "checkpoints")
 
 
+def test_sigterm_during_startup_saves_after_the_first_step(tmp_path, monkeypatch):
+  """A restore or a compilation can take minutes on a pod: a SIGTERM then is not fatal
+  either (the default handler would kill the job without a word)."""
+  from train_helper import tiny_config
+  from uniformerv2_jax.training import loop
+
+  def unhandled(signum, frame):
+    raise RuntimeError("SIGTERM reached the handler the run started with")
+  setup = loop.setup_training
+
+  def setup_then_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return setup(*args, **kwargs)
+  monkeypatch.setattr(loop, "setup_training", setup_then_sigterm)
+  previous = signal.signal(signal.SIGTERM, unhandled)
+  try:
+    summary = loop.train_and_evaluate(tiny_config({"train.checkpoint_every_steps": 100}),
+                                      str(tmp_path))
+  finally:
+    assert signal.signal(signal.SIGTERM, previous) is unhandled  # put back after the run
+  assert summary["preempted"] and summary["steps"] == 1
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
 def test_a_first_ctrl_c_saves_like_sigterm_a_second_stops_at_once(capfd):
   """Ctrl-C on a workstation: the first sets the flag SIGTERM sets (save after this step, then
   stop; the loop's side is the SIGTERM test above), the second raises KeyboardInterrupt; after
@@ -393,6 +417,28 @@ def test_resume_with_another_input_stream_is_refused(runs, tmp_path):
   meta_file.write_text(json.dumps(meta))
   with pytest.raises(ConfigError, match=stream + "steps_per_epoch: 4 -> 8"):
     train_and_evaluate(tiny_config({"train.steps_per_epoch": 8}), str(run))
+
+
+def test_resume_onto_other_classes_is_refused(runs, tmp_path, monkeypatch):
+  """A dataset rebuilt with its classes in another order: the head's rows would change meaning
+  halfway through the run (and evaluation by name would trust the new order)."""
+  import shutil
+
+  from train_helper import tiny_config
+  from uniformerv2_jax.training import data_io
+  from uniformerv2_jax.training.config_check import ConfigError
+  from uniformerv2_jax.training.loop import train_and_evaluate
+  run = tmp_path / "run"
+  shutil.copytree(runs[0], run)
+  meta_file = run / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta_file.write_text(json.dumps(dict(meta, class_names=list("abcde"))))
+  monkeypatch.setattr(data_io, "class_names", lambda builder: list("bacde"))
+  with pytest.raises(ConfigError, match=r"checkpoints/4 was trained with another class list "
+                     r"\(class 0 was 'a', now 'b'; 2 of 5 differ\)\. Resume it"):
+    train_and_evaluate(tiny_config({}), str(run))
+  monkeypatch.setattr(data_io, "class_names", lambda builder: list("abcde"))
+  assert train_and_evaluate(tiny_config({}), str(run))["steps"] == 4  # the same: resumes
 
 
 def test_meta_that_cannot_be_read_now_is_not_called_damaged(runs, monkeypatch):

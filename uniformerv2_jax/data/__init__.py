@@ -13,6 +13,7 @@ from .spatial import eval_views, resize_bilinear
 _LAZY = {
     "decode_video": "video_io", "VideoDecodeError": "video_io",
     "normalize": "augment", "randaugment": "augment", "StoredVideos": "reader",
+    "DamagedDataError": "reader", "numpy_batches": "pipeline",
     "train_dataset": "pipeline", "eval_dataset": "pipeline", "steps_per_epoch": "pipeline",
     "eval_batches": "pipeline", "load_builder": "pipeline",
     "VideoConfig": "builder", "VideoClassification": "builder", "build_dataset": "builder",

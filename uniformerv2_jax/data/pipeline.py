@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 
 import tensorflow as tf
@@ -25,10 +26,11 @@ import tensorflow_datasets as tfds
 
 from .. import storage
 from . import tf_augment, tf_ops
-from .reader import StoredVideos
+from .reader import DamagedDataError, StoredVideos
 from .spatial import AREA_RANGE, RATIO_RANGE, check_protocol
 
-__all__ = ["load_builder", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_batches"]
+__all__ = ["load_builder", "train_dataset", "eval_dataset", "steps_per_epoch", "eval_batches",
+           "numpy_batches"]
 
 _SEED_SALT = 0x5EED
 
@@ -173,6 +175,18 @@ def _flip_setting(builder, flip):
     warnings.warn(f"{builder.info.full_name}: horizontal flip requested, but the dataset's "
                   "labels depend on direction (its metadata says flip=False)")
   return bool(flip)
+
+
+def numpy_batches(ds: tf.data.Dataset):
+  """``ds.as_numpy_iterator()``, where a damaged stored record raises its DamagedDataError (one
+  line naming the file) instead of TensorFlow's error around it."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except tf.errors.OpError as e:
+    found = re.search(rf"{DamagedDataError.__name__}: ([^\n]+)", e.message)
+    if found is None:
+      raise
+    raise DamagedDataError(found.group(1)) from None
 
 
 def eval_batches(num_videos: int, num_views: int, per_host_batch: int, process_count: int = 1):

@@ -15,7 +15,18 @@ from tensorflow.core.example import example_pb2
 
 from .sampling import uniform_sample
 
-__all__ = ["StoredVideos"]
+__all__ = ["StoredVideos", "DamagedDataError"]
+
+_REPAIR = ("Copy the dataset folder again if it was copied, else rebuild it: "
+           "python -m uniformerv2_jax.data.build ... --overwrite")
+
+
+class DamagedDataError(ValueError):
+  """A stored record failed its checksum (one line: the dataset, the file, what to do)."""
+
+
+def _detail(e: Exception, default: str) -> str:
+  return (str(e).strip() or default).splitlines()[0][:200]
 
 
 def _open(builder, split: str, paths: list[str]) -> ArrayRecordDataSource:
@@ -23,12 +34,28 @@ def _open(builder, split: str, paths: list[str]) -> ArrayRecordDataSource:
     return ArrayRecordDataSource(paths)
   except RuntimeError as e:
     bad = next((p for p in paths if not _opens(p)), None)
-    detail = (str(e).strip() or "unreadable").splitlines()[0][:200]
     raise ValueError(
         f"{builder.data_dir}: the {split} split cannot be read: "
         f"{os.path.basename(bad) if bad else 'one of its files'} is missing or damaged "
-        f"({detail}). Copy the dataset folder again if it was copied, else rebuild it: "
-        "python -m uniformerv2_jax.data.build ... --overwrite") from None
+        f"({_detail(e, 'unreadable')}). {_REPAIR}") from None
+
+
+def _reads(source: ArrayRecordDataSource, key: int) -> bool:
+  try:
+    source[key]
+    return True
+  except RuntimeError:
+    return False
+
+
+def _file_holding(paths: list[str], key: int) -> str | None:
+  """The file of `paths` (read in this order) that holds record `key`, by their footers."""
+  for path in paths:
+    n = len(ArrayRecordDataSource([path]))
+    if key < n:
+      return path
+    key -= n
+  return None
 
 
 def _opens(path: str) -> bool:
@@ -52,18 +79,30 @@ class StoredVideos:
                        f"{list(builder.info.splits)}")
     # The split's shards in order, as tfds' data source reads them (raw bytes); opened now
     # (each file's footer), so a missing or cut-short file is named before any batch.
-    self.records = _open(builder, split, [os.fspath(p) for p in
-                                          builder.info.splits[split].filepaths])
+    self.data_dir, self.split = os.fspath(builder.data_dir), split
+    self.record_files = [os.fspath(p) for p in builder.info.splits[split].filepaths]
+    self.records = _open(builder, split, self.record_files)
     files = (builder.info.metadata or {}).get(f"frame_files_{split}")
-    self.store = _open(builder, split, [os.path.join(os.fspath(builder.data_dir), f)
-                                        for f in files]) if files else None
+    self.frame_files = [os.path.join(self.data_dir, f) for f in files or ()]
+    self.store = _open(builder, split, self.frame_files) if files else None
 
   def __len__(self) -> int:
     return len(self.records)
 
   def example(self, index: int):
     """The video's features (``name``, ``label``, ``num_frames``, ...) as a protobuf map."""
-    return example_pb2.Example.FromString(self.records[int(index)]).features.feature
+    try:
+      record = self.records[int(index)]
+    except RuntimeError as e:  # a chunk failed its checksum
+      raise self._damaged(e, index, self.record_files, int(index)) from None
+    return example_pb2.Example.FromString(record).features.feature
+
+  def _damaged(self, e: Exception, index: int, paths: list[str], key: int) -> DamagedDataError:
+    path = _file_holding(paths, key)
+    return DamagedDataError(
+        f"{self.data_dir}: video {index} of the {self.split} split cannot be read: "
+        f"{os.path.basename(path) if path else 'one of its files'} is damaged "
+        f"({_detail(e, 'checksum mismatch')}). {_REPAIR}")
 
   def num_frames(self, index: int) -> int:
     return int(self.example(index)["num_frames"].int64_list.value[0])
@@ -83,8 +122,12 @@ class StoredVideos:
     if self.store is None:
       video = f["video"].bytes_list.value
       return [video[p] for p in positions], label
-    first = int(f["first_frame"].int64_list.value[0])
-    return list(self.store.__getitems__([first + p for p in positions])), label
+    keys = [int(f["first_frame"].int64_list.value[0]) + p for p in positions]
+    try:
+      return list(self.store.__getitems__(keys)), label
+    except RuntimeError as e:
+      bad = next((k for k in keys if not _reads(self.store, k)), keys[0])
+      raise self._damaged(e, index, self.frame_files, bad) from None
 
   def train_clip(self, index, seed_key, clip_len: int):
     """JPEGs of one train-mode clip (clip_len,) and the label.

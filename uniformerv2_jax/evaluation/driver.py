@@ -237,11 +237,15 @@ def _evaluate(config, checkpoint, workdir, builder, max_batches, log) -> dict:
                          num_crops=num_crops, per_host_batch=per_host,
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          spatial=spatial)
-  batches = (_numpy(b) for b in itertools.islice(ds, max_batches))  # None: all
+  batches = itertools.islice(data.numpy_batches(ds), max_batches)  # None: all
   aggregate = "sum" if spatial == "original" else "mean"  # each upstream's own (same ranking)
-  result = evaluate(Evaluator(model, mesh), batches, num_views=num_views, per_host_batch=per_host,
-                    aggregate=aggregate, total_views=num_videos * num_views, log=log,
-                    complete_only=max_batches is not None)
+  try:
+    result = evaluate(Evaluator(model, mesh), batches, num_views=num_views,
+                      per_host_batch=per_host, aggregate=aggregate,
+                      total_views=num_videos * num_views, log=log,
+                      complete_only=max_batches is not None)
+  except data.DamagedDataError as e:  # one line naming the file; nothing written yet
+    raise EvalConfigError(f"config.dataset: {e}") from None
   if max_batches is None and len(result.video_ids) != num_videos:
     raise RuntimeError(f"evaluated {len(result.video_ids)} videos but {split} has {num_videos}")
   if not len(result.video_ids):
@@ -277,7 +281,3 @@ def _attention(cfg) -> str:
   """The backbone's attention as it ran ("auto" resolved)."""
   from uniformerv2_jax.layers import attention_impl
   return attention_impl(cfg.attention, cfg.dtype, cfg.width // cfg.heads)
-
-
-def _numpy(batch) -> dict[str, np.ndarray]:
-  return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in batch.items()}

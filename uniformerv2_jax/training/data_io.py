@@ -181,7 +181,17 @@ def train_batches(config, builder, per_host: int, start_step: int) -> Iterator[d
                           randaugment=inp.randaugment and not randaugment_on_device(config),
                           randaugment_magnitude=inp.magnitude, randaugment_layers=inp.num_layers,
                           randaugment_compiled=inp.randaugment_compiled)
-  return ({"video": b["video"], "label": b["label"]} for b in ds.as_numpy_iterator())
+  return ({"video": b["video"], "label": b["label"]} for b in _batches(ds))
+
+
+def _batches(ds):
+  """The dataset's numpy batches; a damaged stored record stops the job with one line."""
+  from uniformerv2_jax import data
+  from uniformerv2_jax.training.config_check import ConfigError
+  try:
+    yield from data.numpy_batches(ds)
+  except data.DamagedDataError as e:
+    raise ConfigError(f"config.dataset: {e}") from None
 
 
 def eval_batches(config, builder, per_host: int) -> Iterator[dict]:
@@ -203,7 +213,7 @@ def eval_batches(config, builder, per_host: int) -> Iterator[dict]:
                          crop_size=inp.crop_size, num_clips=1, num_crops=1,
                          per_host_batch=per_host, process_index=pi, process_count=pc,
                          spatial=config.eval.spatial)
-  for i, b in enumerate(ds.as_numpy_iterator()):
+  for i, b in enumerate(_batches(ds)):
     if limit is not None and i >= limit:
       return
     yield {"video": b["video"], "label": b["label"], "mask": b["mask"]}

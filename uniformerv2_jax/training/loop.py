@@ -153,8 +153,9 @@ def _input_stream(config, steps_per_epoch: int) -> dict:
           "steps_per_epoch": int(steps_per_epoch)}
 
 
-def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
-  """The run saved at `step` was started with this model and this input stream."""
+def _check_resumable(directory: str, step: int, cfg, stream: dict, class_names) -> None:
+  """The run saved at `step` was started with this model, this input stream and, where both
+  name them, these classes in this order."""
   from uniformerv2_jax.config import FIELDS, ModelConfig
   meta = read_meta(os.path.join(directory, str(step)))
   saved = ModelConfig.from_dict(meta["model_config"])
@@ -167,12 +168,24 @@ def _check_resumable(directory: str, step: int, cfg, stream: dict) -> None:
             if k in stream and v != stream[k]]
   parts = ([f"model config ({'; '.join(model)})"] if model else []) + (
       [f"input stream ({'; '.join(inputs)}; the data position and the schedule are counted in "
-       "its steps)"] if inputs else [])
+       "its steps)"] if inputs else []) + _class_change(meta.get("class_names"), class_names)
   if parts:
     raise config_check.ConfigError(
         f"{directory}/{step} was trained with another {' and another '.join(parts)}. Resume it "
         "with the config it was started with, or start a new --workdir (with config.init_from "
         "pointing at this run to start from its weights)")
+
+
+def _class_change(saved: list | None, now: list | None) -> list[str]:
+  """[] if the dataset's classes are those the run was trained on (or either is unknown), else
+  one phrase saying how they differ: the head's rows would change meaning."""
+  if not saved or not now or saved == now:
+    return []
+  if len(saved) != len(now):
+    return [f"class list ({len(saved)} classes, {len(now)} now)"]
+  moved = [i for i, (a, b) in enumerate(zip(saved, now)) if a != b]
+  return [f"class list (class {moved[0]} was {saved[moved[0]]!r}, now {now[moved[0]]!r}; "
+          f"{len(moved)} of {len(now)} differ)"]
 
 
 def _optimizer_note(saved: dict | None, train_cfg, step: int, steps_per_epoch: int):
@@ -217,7 +230,14 @@ def train_and_evaluate(config, workdir: str,
                        eval_command: str = "python eval.py --config=CONFIG") -> dict:
   """Runs (or resumes) the recipe in `config`; returns the summary process 0 writes to
   summary.json (the other processes: their own time and last loss, not the file's).
-  `eval_command`: how the closing hint spells eval.py's command for this run."""
+  `eval_command`: how the closing hint spells eval.py's command for this run. SIGTERM (and
+  a first Ctrl-C) from the start on, restore and compilation included, saves after the next
+  step and stops."""
+  with PreemptionWatcher() as preempt:
+    return _train_and_evaluate(config, workdir, eval_command, preempt)
+
+
+def _train_and_evaluate(config, workdir: str, eval_command: str, preempt) -> dict:
   t0 = time.time()
   workdir = storage.absolute(workdir)
   config_check.check(config)  # before anything is compiled
@@ -262,7 +282,7 @@ def train_and_evaluate(config, workdir: str,
   history, best, best_step = [], 0.0, None
   latest = ckpt.latest_step()
   if latest is not None:
-    _check_resumable(ckpt.directory, latest, cfg, stream)
+    _check_resumable(ckpt.directory, latest, cfg, stream, meta_base["class_names"])
     state, meta = ckpt.restore(state_shapes(mdef, tx, cfg.frozen), shardings, latest)
     history, best = meta.get("history", []), meta.get("best_top1", 0.0)
     best_step = meta.get("best_step")
@@ -311,53 +331,60 @@ def train_and_evaluate(config, workdir: str,
                 default=None)
   metrics, preempted, hinted = None, False, False
   step = start
-  with PreemptionWatcher() as preempt:  # SIGTERM, and Ctrl-C, save and stop
-    while step < total_steps:
-      t_in = time.time()
-      host_batch = next(train_iter)
-      pace.waited += time.time() - t_in
-      batch = data_io.to_global(host_batch, mesh)
-      state, metrics = p_train(state, batch)
-      step += 1
-      if step == start + 1:  # compilation is not a step time
-        jax.block_until_ready(metrics)
-        log(f"compiled and ran step {step} in {time.time() - pace.tick:.1f}s")
-        pace.restart(step)
-      is_eval = _eval_due(step, eval_every, total_steps)
-      is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
-      preempted = preempt.reached(step)
-      if step % tc.log_every_steps == 0 or is_ckpt or preempted:
-        m = jax.device_get(metrics)
-        if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
-          ckpt.wait()
-          raise _diverged(m, step, vouched, ckpt, workdir)
-        vouched = ckpt.latest_step()
-        line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
-                f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
-        scalars = {"train/" + k: v for k, v in m.items()}
-        suffix, perf, share = pace.report(step, total_steps) or ("", {}, 0.0)
-        log(line + suffix)
-        # dispatch is asynchronous: waits for input overlap device work until the input
-        # takes about as long as the step
-        if share > 0.9 and not hinted:
-          hinted = True
-          log(_input_hint(config, share))
-        writer.scalars(step, {**scalars, **perf})
-      ev, paused = None, time.time()  # evaluation and saving do not count as step time
-      if is_eval and preempted:  # save within the grace period; the resumed run evaluates
-        log(f"Preemption signal: saving step {step} first; its evaluation runs on resume")
-      elif is_eval:
+
+  def meta_now():  # the checkpoint's meta item, as the run stands
+    return dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
+                best_step=best_step)
+  while step < total_steps:
+    t_in = time.time()
+    host_batch = next(train_iter)
+    pace.waited += time.time() - t_in
+    batch = data_io.to_global(host_batch, mesh)
+    state, metrics = p_train(state, batch)
+    step += 1
+    if step == start + 1:  # compilation is not a step time
+      jax.block_until_ready(metrics)
+      log(f"compiled and ran step {step} in {time.time() - pace.tick:.1f}s")
+      pace.restart(step)
+    is_eval = _eval_due(step, eval_every, total_steps)
+    is_ckpt = step % tc.checkpoint_every_steps == 0 or step == total_steps or is_eval
+    preempted = preempt.reached(step)
+    if step % tc.log_every_steps == 0 or is_ckpt or preempted:
+      m = jax.device_get(metrics)
+      if not all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm")):
+        ckpt.wait()
+        raise _diverged(m, step, vouched, ckpt, workdir)
+      vouched = ckpt.latest_step()
+      line = (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
+              f"loss {float(m['loss']):.4f} top1 {float(m['top1']):.3f} lr {float(m['lr']):.3g}")
+      scalars = {"train/" + k: v for k, v in m.items()}
+      suffix, perf, share = pace.report(step, total_steps) or ("", {}, 0.0)
+      log(line + suffix)
+      # dispatch is asynchronous: waits for input overlap device work until the input
+      # takes about as long as the step
+      if share > 0.9 and not hinted:
+        hinted = True
+        log(_input_hint(config, share))
+      writer.scalars(step, {**scalars, **perf})
+    ev, paused = None, time.time()  # evaluation and saving do not count as step time
+    if is_eval and preempted:  # save within the grace period; the resumed run evaluates
+      log(f"Preemption signal: saving step {step} first; its evaluation runs on resume")
+    elif is_eval:
+      try:
         ev = evaluate(p_eval, state, config, builder, eval_per_host, mesh)
-        best, best_step = _record_eval(ev, step, history, best, best_step, writer)
-      if is_ckpt or preempted:
-        meta = dict(meta_base, step=step, data_step=step, history=history, best_top1=best,
-                    best_step=best_step)
-        ckpt.keep_best(best_step)
-        ckpt.save(step, state, meta, metrics={"top1": ev["top1"]} if ev else None)
-      pace.skip(time.time() - paused)
-      if preempted:
-        log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
-        break
+      except Exception:  # keep the steps trained: a rerun resumes here and evaluates first
+        log(f"The evaluation at step {step} failed: saving step {step} first")
+        ckpt.save(step, state, meta_now())
+        ckpt.wait()
+        raise
+      best, best_step = _record_eval(ev, step, history, best, best_step, writer)
+    if is_ckpt or preempted:
+      ckpt.keep_best(best_step)
+      ckpt.save(step, state, meta_now(), metrics={"top1": ev["top1"]} if ev else None)
+    pace.skip(time.time() - paused)
+    if preempted:
+      log(f"Preemption signal: saved step {step} to {ckpt.directory}; exiting.")
+      break
   ckpt.close()
   writer.close()
   summary = {"final_top1": history[-1]["top1"] if history else None, "best_top1": best,
