@@ -468,6 +468,33 @@ def test_meta_is_read_afresh(tmp_path):
     shutil.rmtree(tmp_path / "w")
 
 
+def test_a_full_disk_is_one_message_and_keeps_the_steps_before(tmp_path, monkeypatch):
+  """Orbax writes in the background and re-raises there: the save that ran out of space (or
+  the next call) becomes one CheckpointError; the finished step before it stays readable."""
+  import errno
+
+  from etils import epath
+
+  from uniformerv2_jax.checkpoint import CheckpointError
+  from uniformerv2_jax.training.checkpointing import Checkpointer, read_meta
+  ckpt = Checkpointer(str(tmp_path / "w"))
+  ckpt.save(1, {"x": np.zeros(1024, np.float32)}, {"step": 1})
+  ckpt.wait()
+
+  def full(path, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "write_text", full)
+  with pytest.raises(CheckpointError, match=r"could not save a checkpoint in .*/w/checkpoints: "
+                     r"no space left on the device \(a step takes about 0.0 MiB\)\. Free space "
+                     r"or point --workdir at a larger disk, then rerun: the run resumes from its "
+                     r"last finished step$"):
+    ckpt.save(2, {"x": np.ones(1024, np.float32)}, {"step": 2})
+    ckpt.close()
+  monkeypatch.undo()
+  assert Checkpointer(str(tmp_path / "w")).latest_step() == 1
+  assert read_meta(tmp_path / "w" / "checkpoints" / "1") == {"step": 1}
+
+
 def _started_weights(config, cfg):
   """The unscanned weights of the train state a run of `config` starts from (new head)."""
   from uniformerv2_jax.training.loop import init_weights, make_mesh

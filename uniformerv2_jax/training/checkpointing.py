@@ -14,7 +14,9 @@ mesh the new run uses (another device count works).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -66,10 +68,32 @@ class Checkpointer:
     """Starts an (async) save of `state` at `step`; returns False if it already exists."""
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    self.step_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    with self._disk_full_named():  # this save, or the previous one, written in the background
+      return self.manager.save(
+          int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
+
+  @contextlib.contextmanager
+  def _disk_full_named(self):
+    """A save that ran out of space: one CheckpointError saying what to do, not Orbax's
+    traceback. The steps finished before it are intact."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  (Orbax re-raises a background failure as it likes)
+      text = str(e)
+      if not (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+              or "No space left on device" in text or "Disk quota exceeded" in text):
+        raise
+      from uniformerv2_jax.checkpoint import CheckpointError
+      size = getattr(self, "step_bytes", 0)
+      size = f" (a step takes about {size / 2**30:.1f} GiB)" if size >= 2**30 else (
+          f" (a step takes about {size / 2**20:.1f} MiB)" if size else "")
+      raise CheckpointError(
+          f"could not save a checkpoint in {self.directory}: no space left on the device{size}."
+          " Free space or point --workdir at a larger disk, then rerun: the run resumes from "
+          "its last finished step") from None
 
   def restore(self, shapes, shardings, step: int | None = None):
     """(state, meta) of `step` (default: the latest), placed by `shardings`."""
@@ -82,7 +106,8 @@ class Checkpointer:
     return out["state"], out["meta"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_named():
+      self.manager.wait_until_finished()
 
   def set_aside(self, steps, destination: str) -> tuple[bool, str]:
     """Moves ``steps`` out of the checkpoint directory (into ``destination``), so that a rerun
@@ -107,7 +132,7 @@ class Checkpointer:
                   f"{self.directory} under its step number).")
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

@@ -109,13 +109,15 @@ def class_names(builder) -> list[str] | None:
 
 
 def stored_short_side(builder) -> int | None:
-  """The short side the dataset's frames were resized to when built (None: source size)."""
+  """The short side the build brought larger videos' frames down to (a cap: smaller videos
+  keep their size; None: every video at its source size)."""
   return None if builder is None else (builder.info.metadata or {}).get("short_side")
 
 
 def upscale_note(config, builder, tool: str) -> str | None:
-  """A note when the stored frames are smaller than the crops (the @336 recipes on a dataset
-  built at the default short side 320)."""
+  """A note when the build's short side is below the crop size (the @336 recipes on a dataset
+  built at the default 320): the upstream takes those crops from the larger source. A video
+  smaller than the crop is upscaled from its source size as in the upstream, and not noted."""
   short, crop = stored_short_side(builder), int(config.input.crop_size)
   if not short or short >= crop:
     return None
