@@ -191,6 +191,28 @@ def test_named_config_with_other_frames_builds_under_a_derived_name(tmp_path, ca
   assert sorted(names) == ["synthetic", "synthetic_short8_maxfps60"]
 
 
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+  """TFDS's writer fails with a RuntimeError (the text measured on a full tmpfs); other
+  RuntimeErrors are not hidden."""
+  from uniformerv2_jax.data import build
+
+  def full(*args, **kwargs):
+    raise RuntimeError('Failed to finalize writing of split "train": write() failed: No space '
+                       'left on device')
+  monkeypatch.setattr(build, "build_dataset", full)
+  args = ["--config", "synthetic", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path)]
+  assert build.main(args) == 2
+  assert capsys.readouterr().err == (
+      f"\nerror: no space left on the device under {tmp_path} (Failed to finalize writing of "
+      'split "train": write() failed: No space left on device); nothing was built (an earlier '
+      "build of this dataset is untouched): free space and run the command again\n")
+  def other(*args, **kwargs):
+    raise RuntimeError("a bug")
+  monkeypatch.setattr(build, "build_dataset", other)
+  with pytest.raises(RuntimeError, match="a bug"):
+    build.main(args)
+
+
 def test_build_into_a_bucket_is_refused_with_what_to_do(tmp_path):
   from uniformerv2_jax.data.build import main
   with pytest.raises(SystemExit, match="build on a local disk, then copy the dataset folder"):

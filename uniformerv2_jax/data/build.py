@@ -125,6 +125,13 @@ def main(argv=None) -> int:
   except (ValueError, OSError) as e:  # AnnotationError, BuildError, unreadable files
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except RuntimeError as e:  # TFDS's writers: a full disk
+    if "No space left on device" not in str(e):
+      raise
+    print(f"\nerror: no space left on the device under {args.data_dir} ("
+          f"{str(e).strip().splitlines()[0][:200]}); nothing was built (an earlier build of "
+          "this dataset is untouched): free space and run the command again", file=sys.stderr)
+    return 2
   except KeyboardInterrupt:  # the build writes beside the dataset and swaps it in at the end
     print("interrupted: nothing was built (an earlier build of this dataset is untouched); "
           "run the command again to build it", file=sys.stderr)

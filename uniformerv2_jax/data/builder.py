@@ -425,8 +425,8 @@ def _rebuild(data_dir, final, config, manual_dir, num_workers, num_shards):
     if os.path.exists(old) and not os.path.exists(final):
       os.rename(old, final)  # interrupted between the two renames: put it back
     if isinstance(e, Exception):
-      print(f"the rebuild failed; the existing dataset at {final} was left unchanged",
-            file=sys.stderr)
+      print(f"\nthe rebuild failed; the existing dataset at {final} was left unchanged",
+            file=sys.stderr)  # on a line of its own, after the progress bars
     raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
