@@ -88,30 +88,6 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert str(summary["steps"]) in os.listdir(tmp_path / "checkpoints")
 
 
-def test_sigterm_during_startup_saves_after_the_first_step(tmp_path, monkeypatch):
-  """A restore or a compilation can take minutes on a pod: a SIGTERM then is not fatal
-  either (the default handler would kill the job without a word)."""
-  from train_helper import tiny_config
-  from uniformerv2_jax.training import loop
-
-  def unhandled(signum, frame):
-    raise RuntimeError("SIGTERM reached the handler the run started with")
-  setup = loop.setup_training
-
-  def setup_then_sigterm(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
-    return setup(*args, **kwargs)
-  monkeypatch.setattr(loop, "setup_training", setup_then_sigterm)
-  previous = signal.signal(signal.SIGTERM, unhandled)
-  try:
-    summary = loop.train_and_evaluate(tiny_config({"train.checkpoint_every_steps": 100}),
-                                      str(tmp_path))
-  finally:
-    assert signal.signal(signal.SIGTERM, previous) is unhandled  # put back after the run
-  assert summary["preempted"] and summary["steps"] == 1
-  assert os.listdir(tmp_path / "checkpoints") == ["1"]
-
-
 def test_a_first_ctrl_c_saves_like_sigterm_a_second_stops_at_once(capfd):
   """Ctrl-C on a workstation: the first sets the flag SIGTERM sets (save after this step, then
   stop; the loop's side is the SIGTERM test above), the second raises KeyboardInterrupt; after
@@ -466,33 +442,6 @@ def test_meta_is_read_afresh(tmp_path):
     assert read_meta(tmp_path / "w" / "checkpoints" / "1")["run"] == run
     import shutil
     shutil.rmtree(tmp_path / "w")
-
-
-def test_a_full_disk_is_one_message_and_keeps_the_steps_before(tmp_path, monkeypatch):
-  """Orbax writes in the background and re-raises there: the save that ran out of space (or
-  the next call) becomes one CheckpointError; the finished step before it stays readable."""
-  import errno
-
-  from etils import epath
-
-  from uniformerv2_jax.checkpoint import CheckpointError
-  from uniformerv2_jax.training.checkpointing import Checkpointer, read_meta
-  ckpt = Checkpointer(str(tmp_path / "w"))
-  ckpt.save(1, {"x": np.zeros(1024, np.float32)}, {"step": 1})
-  ckpt.wait()
-
-  def full(path, *args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
-  monkeypatch.setattr(type(epath.Path(tmp_path)), "write_text", full)
-  with pytest.raises(CheckpointError, match=r"could not save a checkpoint in .*/w/checkpoints: "
-                     r"no space left on the device \(a step takes about 0.0 MiB\)\. Free space "
-                     r"or point --workdir at a larger disk, then rerun: the run resumes from its "
-                     r"last finished step$"):
-    ckpt.save(2, {"x": np.ones(1024, np.float32)}, {"step": 2})
-    ckpt.close()
-  monkeypatch.undo()
-  assert Checkpointer(str(tmp_path / "w")).latest_step() == 1
-  assert read_meta(tmp_path / "w" / "checkpoints" / "1") == {"step": 1}
 
 
 def _started_weights(config, cfg):

@@ -1,9 +1,12 @@
-"""A dataset damaged after it was built (a bad copy, a failing disk): a record that fails its
-checksum stops the reader, the input pipelines, training and evaluation with one line naming
-the file and what to do; training keeps the steps it made before."""
+"""Failures in the middle of a job keep what was done and say one thing: a dataset damaged
+after it was built (a record failing its checksum), a full disk under the checkpoints, a
+SIGTERM before the first step."""
 import dataclasses
 import glob
 import os
+import signal
+
+import numpy as np
 
 import pytest
 
@@ -81,3 +84,54 @@ def test_training_saves_before_a_failing_evaluation_and_eval_py_names_the_file(t
                                                                         name)):
     evaluate_checkpoint(c, str(tmp_path / "work"), str(tmp_path / "eval"))
   assert not os.path.exists(tmp_path / "eval" / "summary.json")
+
+
+def test_sigterm_during_startup_saves_after_the_first_step(tmp_path, monkeypatch):
+  """A restore or a compilation can take minutes on a pod: a SIGTERM then is not fatal
+  either (the default handler would kill the job without a word)."""
+  from train_helper import tiny_config
+  from uniformerv2_jax.training import loop
+
+  def unhandled(signum, frame):
+    raise RuntimeError("SIGTERM reached the handler the run started with")
+  setup = loop.setup_training
+
+  def setup_then_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return setup(*args, **kwargs)
+  monkeypatch.setattr(loop, "setup_training", setup_then_sigterm)
+  previous = signal.signal(signal.SIGTERM, unhandled)
+  try:
+    summary = loop.train_and_evaluate(tiny_config({"train.checkpoint_every_steps": 100}),
+                                      str(tmp_path))
+  finally:
+    assert signal.signal(signal.SIGTERM, previous) is unhandled  # put back after the run
+  assert summary["preempted"] and summary["steps"] == 1
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_a_full_disk_is_one_message_and_keeps_the_steps_before(tmp_path, monkeypatch):
+  """Orbax writes in the background and re-raises there: the save that ran out of space (or
+  the next call) becomes one CheckpointError; the finished step before it stays readable."""
+  import errno
+
+  from etils import epath
+
+  from uniformerv2_jax.checkpoint import CheckpointError
+  from uniformerv2_jax.training.checkpointing import Checkpointer, read_meta
+  ckpt = Checkpointer(str(tmp_path / "w"))
+  ckpt.save(1, {"x": np.zeros(1024, np.float32)}, {"step": 1})
+  ckpt.wait()
+
+  def full(path, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "write_text", full)
+  with pytest.raises(CheckpointError, match=r"could not save a checkpoint in .*/w/checkpoints: "
+                     r"no space left on the device \(a step takes about 0.0 MiB\)\. Free space "
+                     r"or point --workdir at a larger disk, then rerun: the run resumes from its "
+                     r"last finished step$"):
+    ckpt.save(2, {"x": np.ones(1024, np.float32)}, {"step": 2})
+    ckpt.close()
+  monkeypatch.undo()
+  assert Checkpointer(str(tmp_path / "w")).latest_step() == 1
+  assert read_meta(tmp_path / "w" / "checkpoints" / "1") == {"step": 1}
