@@ -49,6 +49,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(storage.absolute(workdir), "checkpoints")
+    self.step_bytes = 0  # of the last save: a full disk's message says it
     self.best = KeepStep()  # set by the loop: keep_best(step)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=max(int(keep), 2)), self.best])
@@ -87,9 +88,9 @@ class Checkpointer:
               or "No space left on device" in text or "Disk quota exceeded" in text):
         raise
       from uniformerv2_jax.checkpoint import CheckpointError
-      size = getattr(self, "step_bytes", 0)
-      size = f" (a step takes about {size / 2**30:.1f} GiB)" if size >= 2**30 else (
-          f" (a step takes about {size / 2**20:.1f} MiB)" if size else "")
+      gib = self.step_bytes >= 2**30
+      size = (f" (a step takes about {self.step_bytes / 2**(30 if gib else 20):.1f} "
+              f"{'GiB' if gib else 'MiB'})" if self.step_bytes else "")
       raise CheckpointError(
           f"could not save a checkpoint in {self.directory}: no space left on the device{size}."
           " Free space or point --workdir at a larger disk, then rerun: the run resumes from "
