@@ -4,6 +4,7 @@ SIGTERM before the first step."""
 import dataclasses
 import glob
 import os
+import re
 import signal
 
 import numpy as np
@@ -35,8 +36,9 @@ def damaged_split(builder, split):
 
 
 def message(builder, split, name):
-  return (rf"{builder.data_dir}: video \d+ of the {split} split cannot be read: {name} is "
-          r"damaged \(.+\)\. Copy the dataset folder again if it was copied, else rebuild it")
+  return (rf"{re.escape(os.fspath(builder.data_dir))}: video \d+ of the {split} split cannot be "
+          rf"read: {re.escape(name)} is damaged \(.+\)\. Copy the dataset folder again if it "
+          "was copied, else rebuild it")
 
 
 @pytest.mark.parametrize("frame_store", [False, True])

@@ -33,16 +33,17 @@ def _open(builder, split: str, paths: list[str]) -> ArrayRecordDataSource:
   try:
     return ArrayRecordDataSource(paths)
   except RuntimeError as e:
-    bad = next((p for p in paths if not _opens(p)), None)
+    bad = next((p for p in paths if not _succeeds(lambda: ArrayRecordDataSource([p]))), None)
     raise ValueError(
         f"{builder.data_dir}: the {split} split cannot be read: "
         f"{os.path.basename(bad) if bad else 'one of its files'} is missing or damaged "
         f"({_detail(e, 'unreadable')}). {_REPAIR}") from None
 
 
-def _reads(source: ArrayRecordDataSource, key: int) -> bool:
+def _succeeds(read) -> bool:
+  """False if `read()` raises ArrayRecord's RuntimeError (a missing, cut or damaged file)."""
   try:
-    source[key]
+    read()
     return True
   except RuntimeError:
     return False
@@ -56,14 +57,6 @@ def _file_holding(paths: list[str], key: int) -> str | None:
       return path
     key -= n
   return None
-
-
-def _opens(path: str) -> bool:
-  try:
-    ArrayRecordDataSource([path])
-    return True
-  except RuntimeError:
-    return False
 
 
 class StoredVideos:
@@ -126,7 +119,7 @@ class StoredVideos:
     try:
       return list(self.store.__getitems__(keys)), label
     except RuntimeError as e:
-      bad = next((k for k in keys if not _reads(self.store, k)), keys[0])
+      bad = next((k for k in keys if not _succeeds(lambda: self.store[k])), keys[0])
       raise self._damaged(e, index, self.frame_files, bad) from None
 
   def train_clip(self, index, seed_key, clip_len: int):
