@@ -16,6 +16,9 @@ from uniformerv2_jax import model_config
 from uniformerv2_jax.checkpoint import load_pretrained, read_config, restore_weights
 from uniformerv2_jax.weights import flatten, weight_shapes
 
+# One worker runs the module (--dist loadgroup), so its module fixtures run once.
+pytestmark = pytest.mark.xdist_group("convert_clip")
+
 
 class _Holder(torch.nn.Module):
 

@@ -11,6 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "train_helper.py")
+# One worker runs the module (--dist loadgroup), so its module fixture runs once.
+pytestmark = pytest.mark.xdist_group("train")
 
 
 def run_helper(mode, workdir, overrides, devices=1, wait=True):

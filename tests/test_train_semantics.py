@@ -22,6 +22,9 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
 from train_helper import restore, tiny_config  # noqa: E402
 
+# One worker runs the module (--dist loadgroup), so its module fixtures run once.
+pytestmark = pytest.mark.xdist_group("train_semantics")
+
 # ---------------------------------------------------------------------------------------
 # Gradient accumulation (config.train.grad_accum_steps, training/step.py)
 
